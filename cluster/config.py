@@ -1,0 +1,334 @@
+"""The run config: one typed schema, loaded from YAML, overridable with ``--set a.b=c``.
+
+Every problem in a config is reported at once, each with its key path and the fix. Relative data and
+model paths are resolved against the config file's folder (so a config can be run from anywhere);
+``output.dir`` and paths given with ``--set`` are resolved against the current directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.errors import ConfigError
+
+TASKS = ("sequence_classification", "token_classification", "question_answering", "causal_lm")
+DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "conll", "squad")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: int = Field(16, ge=1, description="scaling numerator: the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Optional[list[str]] = Field(None, description="None picks a default per architecture")
+    merge: bool = Field(False, description="also export the adapter merged into a full model")
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        ...,
+        description="a local Hugging Face folder, a hub id (needs network), or package:MODULE/SUBDIR for a "
+        "model shipped inside an installed Python package",
+    )
+    trust_remote_code: bool = False
+    lora: LoraConfig = LoraConfig()
+
+
+class DataConfig(_Section):
+    train: Union[str, list[str]] = Field(..., description="file, glob, folder of shards, URI, or a list")
+    validation: Optional[Union[str, list[str]]] = None
+    test: Optional[Union[str, list[str]]] = None
+    format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    max_seq_length: int = Field(128, ge=8, le=131072, description="tokens; longer records are truncated")
+    packing: bool = False
+    validation_split: float = Field(
+        0.1, ge=0.0, lt=1.0, description="fraction of train held out when data.validation is not set"
+    )
+    shuffle_seed: int = 42
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(3, ge=1)
+    learning_rate: float = Field(5e-5, gt=0.0)
+    batch_size: int = Field(16, ge=1, description="examples per worker per micro-step")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="fraction of optimizer steps")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    seed: int = 42
+    eval_every_steps: int = Field(0, ge=0, description="optimizer steps; 0 = at each epoch end only")
+    checkpoint_every_steps: int = Field(0, ge=0, description="optimizer steps; 0 = at each epoch end only")
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
+    log_every_steps: int = Field(10, ge=1)
+    inject_failure_at_step: Optional[int] = Field(
+        None, ge=1, description="fault injection: rank 0 raises once at this step (tests resume)"
+    )
+
+
+class DeepSpeedConfig(_Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config: dict[str, Any] = Field(default_factory=dict, description="native DeepSpeed keys, merged last")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: Union[Literal["auto"], bool] = "auto"
+    resources_per_worker: Optional[dict[str, float]] = None
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
+    threads_per_worker: Optional[int] = Field(None, ge=1, description="torch threads; None = cores / workers")
+
+
+class TuneConfig(_Section):
+    enabled: bool = False
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    search_alg: Literal["random", "optuna"] = "random"
+    grace_period: int = Field(1, ge=1, description="evaluations before ASHA may stop a trial")
+    reduction_factor: int = Field(2, ge=2)
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    num_replicas: Optional[int] = Field(None, ge=1, description="fixed replicas; None = 1 unless autoscaling")
+    autoscaling: Optional[AutoscalingConfig] = None
+    max_ongoing_requests: int = Field(32, ge=1, description="per replica")
+    max_queued_requests: int = Field(64, ge=-1, description="per caller; excess gets 503; -1 = unbounded")
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
+    request_timeout_s: float = Field(30.0, gt=0.0)
+    api_keys_env: str = Field("RAYFINE_API_KEYS", description="env var holding comma-separated API keys")
+    max_input_tokens: int = Field(512, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+
+
+class OutputConfig(_Section):
+    dir: str = "runs"
+    name: Optional[str] = Field(None, description="run folder name; None = the config file's stem")
+
+
+class RunConfig(_Section):
+    task: Literal[TASKS] = "sequence_classification"  # type: ignore[valid-type]
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tune: TuneConfig = TuneConfig()
+    serve: ServeConfig = ServeConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check_contradictions(self) -> "RunConfig":
+        problems = contradictions(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / (self.output.name or "run")
+
+
+def contradictions(cfg: RunConfig) -> list[str]:
+    """Combinations of individually valid values that cannot work together."""
+    problems = []
+    ds = cfg.deepspeed
+    if ds.offload_params and ds.stage != 3:
+        problems.append("deepspeed.offload_params: needs deepspeed.stage: 3 (ZeRO-3 partitions parameters)")
+    if ds.offload_optimizer and ds.stage == 0:
+        problems.append("deepspeed.offload_optimizer: needs deepspeed.stage 1, 2 or 3")
+    if ds.precision in ("bf16", "fp16") and cfg.scaling.use_gpu is False:
+        problems.append(f"deepspeed.precision: {ds.precision} needs a GPU; use fp32 or auto with scaling.use_gpu: false")
+    if cfg.serve.num_replicas is not None and cfg.serve.autoscaling is not None:
+        problems.append("serve.num_replicas: set either num_replicas or autoscaling, not both")
+    auto = cfg.serve.autoscaling
+    if auto is not None and auto.min_replicas > auto.max_replicas:
+        problems.append("serve.autoscaling.min_replicas: must not exceed max_replicas")
+    if cfg.model.lora.enabled and cfg.task != "causal_lm" and cfg.model.lora.target_modules is None:
+        pass  # encoders get their default target modules from the adapter
+    return problems
+
+
+def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        section = _section_for(err["loc"][:-1])
+        valid = ", ".join(section.model_fields) if section else ""
+        return f"{loc}: unknown key; valid keys here are {valid}"
+    if kind == "missing":
+        return f"{loc}: required; add it to the config"
+    if kind == "value_error" and not loc:
+        return err["msg"].removeprefix("Value error, ")
+    got = _lookup(raw, err["loc"])
+    got_text = f" (got {got!r})" if got is not _MISSING else ""
+    return f"{loc}: {err['msg']}{got_text}"
+
+
+_MISSING = object()
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, list) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return _MISSING
+    return raw
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["training.epochs=3", ...]`` into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    problems = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {pair!r}: expected KEY=VALUE, e.g. --set training.epochs=3")
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {pair!r}: {part} is not a section")
+                break
+        else:
+            node[parts[-1]] = parsed
+    if problems:
+        raise ConfigError(problems, header="Bad --set override:")
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_model_path(name_or_path: str, base: Path) -> str:
+    """Resolve ``package:MODULE/SUBDIR`` and relative folders; hub ids pass through unchanged."""
+    if name_or_path.startswith("package:"):
+        module, _, sub = name_or_path[len("package:"):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"model.name_or_path: Python package {module!r} is not installed; pip install "
+                f"{module.replace('_', '-')} or point name_or_path at a local model folder"
+            )
+        return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+    candidate = Path(name_or_path).expanduser()
+    if not candidate.is_absolute() and (base / candidate).exists():
+        return str((base / candidate).resolve())
+    return str(candidate.resolve()) if candidate.exists() else name_or_path
+
+
+def _resolve_data_path(path: str, base: Path) -> str:
+    if "://" in path or os.path.isabs(path):
+        return path
+    return str((base / path).resolve())
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for split in ("train", "validation", "test"):
+            value = data.get(split)
+            if isinstance(value, str):
+                data[split] = _resolve_data_path(value, base)
+            elif isinstance(value, list):
+                data[split] = [_resolve_data_path(v, base) if isinstance(v, str) else v for v in value]
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        model["name_or_path"] = resolve_model_path(model["name_or_path"], base)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                raw: dict[str, Any] | None = None) -> RunConfig:
+    """Load and validate a run config; raise ConfigError listing every problem."""
+    if raw is None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections (task, model, data, ...)")
+    raw = dict(raw)
+    base = Path(path).resolve().parent if path else Path.cwd()
+    _resolve_paths(raw, base)
+    if overrides:
+        extra = parse_overrides(overrides)
+        _resolve_paths(extra, Path.cwd())
+        raw = deep_merge(raw, extra)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_format_error(e, raw) for e in exc.errors()]
+        where = f"{path}" if path else "config"
+        raise ConfigError(problems, header=f"{where}: {len(problems)} problem(s) in the config:") from None
+    if cfg.output.name is None:
+        cfg.output.name = Path(path).stem if path else "run"
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,41 @@
+"""Connecting to Ray: the cluster at --address / RAY_ADDRESS, else a local instance."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+def local_num_cpus(num_workers: int = 1) -> int:
+    """Logical CPUs for a local Ray instance.
+
+    Ray Train reserves one CPU per worker and Ray Data only schedules on what is left. On a 2-core laptop
+    with 2 workers that would leave nothing to read and tokenize with, so the local instance advertises
+    one more logical CPU than the workers take; the workers themselves run one torch thread per core.
+    """
+    cores = os.cpu_count() or 1
+    return max(cores, num_workers + 1)
+
+
+def connect(address: str | None = None, num_workers: int = 1, quiet: bool = True) -> str:
+    """Start or join Ray and return a description of where we are running."""
+    import ray
+
+    if ray.is_initialized():
+        return "existing Ray session"
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Workers started by a local instance inherit this process's environment.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs = dict(
+        logging_level=logging.WARNING if quiet else logging.INFO,
+        log_to_driver=True,
+        configure_logging=True,
+    )
+    if address:
+        ray.init(address=address, **kwargs)
+        return f"Ray cluster at {address}"
+    ray.init(num_cpus=local_num_cpus(num_workers), include_dashboard=False, **kwargs)
+    return f"local Ray ({local_num_cpus(num_workers)} logical CPUs)"

@@ -1,0 +1,1 @@
+"""rayfine serving: Ray Serve apps for exported model folders."""

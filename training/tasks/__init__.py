@@ -1,0 +1,1 @@
+"""Task adapters: one per task, the seam between data, model and metrics."""
