@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 logger = logging.getLogger(__name__)
 
@@ -19,10 +20,19 @@ def local_num_cpus(num_workers: int = 1) -> int:
     return max(cores, num_workers + 1)
 
 
-def connect(address: str | None = None, num_workers: int = 1, quiet: bool = True) -> str:
-    """Start or join Ray and return a description of where we are running."""
+def connect(address: str | None = None, num_workers: int = 1) -> str:
+    """Start or join Ray and return a description of where we are running.
+
+    Workers' own logs stay in Ray's log folder unless RAYFINE_VERBOSE=1: the terminal shows the run's
+    progress (printed by the driver), not per-worker library chatter.
+    """
     import ray
 
+    verbose = os.environ.get("RAYFINE_VERBOSE", "") not in ("", "0")
+    if not verbose:
+        from ray.util.annotations import RayDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
     if ray.is_initialized():
         return "existing Ray session"
     address = address or os.environ.get("RAY_ADDRESS")
@@ -30,8 +40,8 @@ def connect(address: str | None = None, num_workers: int = 1, quiet: bool = True
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs = dict(
-        logging_level=logging.WARNING if quiet else logging.INFO,
-        log_to_driver=True,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        log_to_driver=verbose,
         configure_logging=True,
     )
     if address:

@@ -1,1 +1,16 @@
 """Task adapters: one per task, the seam between data, model and metrics."""
+
+from __future__ import annotations
+
+from cluster.config import RunConfig
+from cluster.errors import ConfigError
+
+
+def get_adapter(cfg: RunConfig):
+    """The adapter for ``cfg.task``."""
+    if cfg.task == "sequence_classification":
+        from training.tasks.sequence_classification import SequenceClassification
+
+        return SequenceClassification(cfg)
+    raise ConfigError(f"task: {cfg.task!r} is not available in this version of rayfine; "
+                      "use task: sequence_classification")

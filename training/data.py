@@ -1,0 +1,252 @@
+"""The Ray Data pipeline: find shards, read and validate every record, tokenize, split.
+
+Reading is a Ray Data operation over the list of shards (one task reads one shard, streaming it in chunks), so
+every record is checked where it is read and a problem can name its file and line. Tokenization runs in an
+actor pool, one fast tokenizer per actor (a fast tokenizer shared between threads raises "Already borrowed").
+The driver only ever sees small summaries, never the records.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from cluster.config import RunConfig
+from cluster.errors import UserError
+from training.tasks.base import LabelSpace, ParseError
+
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
+                  ".pq": "parquet", ".csv": "csv", ".conll": "conll", ".tsv": "csv"}
+READ_CHUNK = 2048  # records per block yielded by a shard reader
+
+
+# ---- finding shards ----------------------------------------------------------------------------
+def expand_inputs(spec: str | list[str] | None, fmt: str, key: str) -> list[tuple[str, str]]:
+    """Expand paths, globs, folders and URIs into ``(path, format)`` pairs; raise naming ``key``."""
+    if spec is None:
+        return []
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    found, problems = [], []
+    for entry in entries:
+        paths = _list_uri(entry) if _is_uri(entry) else _list_local(entry)
+        if not paths:
+            problems.append(f"{key}: no data file matches '{entry}'; check the path (relative paths are "
+                            "resolved against the config file's folder)")
+        for path in paths:
+            file_fmt = fmt if fmt != "auto" else SUFFIX_FORMATS.get(Path(path).suffix.lower())
+            if file_fmt is None:
+                problems.append(f"{key}: cannot tell the format of '{path}' from its extension; set "
+                                f"data.format to one of jsonl, parquet, csv")
+            else:
+                found.append((path, file_fmt))
+    if problems:
+        raise UserError(problems, header="Data files:")
+    return found
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _list_local(entry: str) -> list[str]:
+    entry = os.path.expanduser(entry.removeprefix("file://"))
+    if os.path.isdir(entry):
+        files = [str(p) for p in sorted(Path(entry).rglob("*")) if p.is_file()
+                 and p.suffix.lower() in SUFFIX_FORMATS and not p.name.startswith((".", "_"))]
+        return files
+    if any(ch in entry for ch in "*?["):
+        return sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
+    return [entry] if os.path.isfile(entry) else []
+
+
+def _list_uri(entry: str) -> list[str]:
+    import fsspec
+
+    try:
+        fs, _, paths = fsspec.get_fs_token_paths(entry)
+        protocol = entry.split("://", 1)[0]
+        out = []
+        for path in paths:
+            if fs.isdir(path):
+                out += [f for f in sorted(fs.find(path)) if Path(f).suffix.lower() in SUFFIX_FORMATS]
+            elif fs.exists(path):
+                out.append(path)
+        return [f"{protocol}://{p}" if "://" not in p else p for p in out]
+    except Exception as exc:  # noqa: BLE001 - any backend error is a user-facing "cannot read"
+        raise UserError(f"cannot list '{entry}': {exc}") from None
+
+
+# ---- reading one shard -------------------------------------------------------------------------
+def _open_text(path: str) -> io.TextIOBase:
+    if _is_uri(path):
+        import fsspec
+
+        return fsspec.open(path, "rt", encoding="utf-8").open()
+    return open(path.removeprefix("file://"), encoding="utf-8")
+
+
+def iter_raw_records(path: str, fmt: str) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Yield ``(line, record, problem)``; ``line`` is 1-based (the data row for Parquet)."""
+    if fmt in ("jsonl", "json"):
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield lineno, None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+                    continue
+                if not isinstance(record, dict):
+                    yield lineno, None, f"expected a JSON object, got {type(record).__name__}"
+                else:
+                    yield lineno, record, None
+    elif fmt == "csv":
+        with _open_text(path) as f:
+            delimiter = "\t" if path.endswith(".tsv") else ","
+            reader = csv.DictReader(f, delimiter=delimiter)
+            for row in reader:
+                yield reader.line_num, {k: v for k, v in row.items() if k is not None}, None
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        source = path if not _is_uri(path) else _open_binary(path)
+        row = 0
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=READ_CHUNK):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record, None
+    else:
+        raise UserError(f"{path}: format '{fmt}' is not supported for task data yet")
+
+
+def _open_binary(path: str):
+    import fsspec
+
+    return fsspec.open(path, "rb").open()
+
+
+def split_of(path: str, line: int, seed: int, fraction: float) -> str:
+    """Deterministic train/validation assignment of one record (stable across runs and workers)."""
+    if fraction <= 0:
+        return "train"
+    digest = hashlib.blake2b(f"{seed}:{Path(path).name}:{line}".encode(), digest_size=8).digest()
+    return "validation" if int.from_bytes(digest, "little") / 2**64 < fraction else "train"
+
+
+def read_shard_rows(path: str, fmt: str, cfg: RunConfig, carve: float, keep: str | None
+                    ) -> Iterator[dict[str, list]]:
+    """Read one shard into column chunks of normalized records (errors included as rows)."""
+    from training.tasks import get_adapter
+
+    adapter = get_adapter(cfg)
+    chunk: list[dict[str, Any]] = []
+    try:
+        for line, record, problem in iter_raw_records(path, fmt):
+            split = split_of(path, line, cfg.data.shuffle_seed, carve)
+            if keep is not None and split != keep:
+                continue
+            row = None
+            if problem is None:
+                try:
+                    row = adapter.parse_record(record)
+                except ParseError as exc:
+                    problem = str(exc)
+            row = row or adapter.empty_record()
+            row.update(_file=path, _line=line, _split=split, _error=problem or "")
+            chunk.append(row)
+            if len(chunk) >= READ_CHUNK:
+                yield _columns(chunk)
+                chunk = []
+    except UserError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        row = adapter.empty_record()
+        row.update(_file=path, _line=0, _split="train", _error=f"cannot read this file: {exc}")
+        chunk.append(row)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types for corrupt shards
+        row = adapter.empty_record()
+        row.update(_file=path, _line=0, _split="train", _error=f"cannot read this file: {exc}")
+        chunk.append(row)
+    if chunk:
+        yield _columns(chunk)
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
+    return {key: [r[key] for r in rows] for key in rows[0]}
+
+
+def _read_shards(batch: dict[str, np.ndarray], cfg: RunConfig, carve: float, keep: str | None):
+    for path, fmt in zip(batch["path"], batch["format"]):
+        yield from read_shard_rows(str(path), str(fmt), cfg, carve, keep)
+
+
+def build_records(files: list[tuple[str, str]], cfg: RunConfig, carve: float = 0.0, keep: str | None = None):
+    """A Ray Dataset of normalized records read from ``files`` (lazy, streaming)."""
+    import ray.data
+
+    items = [{"path": p, "format": f} for p, f in files]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(_read_shards, batch_size=1, fn_kwargs={"cfg": cfg, "carve": carve, "keep": keep},
+                          num_cpus=0.5)
+
+
+# ---- tokenizing -------------------------------------------------------------------------------
+class TokenizeBatch:
+    """Ray Data actor UDF: one tokenizer per actor process."""
+
+    def __init__(self, cfg: RunConfig, labels: LabelSpace | None, truncate: bool = True):
+        from transformers import AutoTokenizer
+
+        from training.tasks import get_adapter
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.adapter = get_adapter(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        self.labels = labels
+        self.truncate = truncate
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        ok = np.asarray(batch["_error"]) == ""
+        clean = {k: np.asarray(v)[ok] for k, v in batch.items()}
+        if not ok.any():
+            return {"input_ids": [], "length": np.zeros(0, dtype=np.int32), "labels": np.zeros(0, np.int64)}
+        return self.adapter.tokenize(clean, self.tokenizer, self.labels, truncate=self.truncate)
+
+
+def tokenized(records, cfg: RunConfig, labels: LabelSpace | None, max_actors: int = 2):
+    from ray.data import ActorPoolStrategy
+
+    return records.map_batches(
+        TokenizeBatch, batch_size=512, fn_constructor_kwargs={"cfg": cfg, "labels": labels},
+        compute=ActorPoolStrategy(min_size=1, max_size=max_actors), num_cpus=0.5)
+
+
+# ---- the splits used by a run ------------------------------------------------------------------
+class Splits:
+    """Where each split's records come from: explicit files, or carved out of train."""
+
+    def __init__(self, cfg: RunConfig):
+        d = cfg.data
+        self.cfg = cfg
+        self.train = expand_inputs(d.train, d.format, "data.train")
+        self.validation = expand_inputs(d.validation, d.format, "data.validation")
+        self.test = expand_inputs(d.test, d.format, "data.test")
+        self.carve = d.validation_split if not self.validation else 0.0
+
+    def records(self, split: str):
+        if split == "train":
+            return build_records(self.train, self.cfg, self.carve, keep="train")
+        if split == "validation" and not self.validation:
+            return build_records(self.train, self.cfg, self.carve, keep="validation") if self.carve else None
+        files = self.validation if split == "validation" else self.test
+        return build_records(files, self.cfg) if files else None

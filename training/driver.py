@@ -1,0 +1,240 @@
+"""The driver of one training run: pre-flight, run folder, TorchTrainer, and the finished run folder.
+
+    summarize_data -> TrainPlan -> TorchTrainer(train_loop_per_worker).fit() -> model/, eval.json, plots/
+
+Ray Tune wraps ``fit_run`` (the driver function), never the trainer object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.train import UserCallback
+
+from cluster.config import RunConfig, dump_config
+from cluster.errors import UserError
+from training.loop import TrainPlan, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    metrics: dict
+
+
+class MetricsLogCallback(UserCallback):
+    """Runs in the Ray Train controller: appends rank 0's report to metrics.jsonl."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        m = dict(metrics[0]) if metrics else {}
+        if m:
+            record = {k: v for k, v in m.items() if not k.endswith("_report")}
+            record["time"] = round(time.time(), 3)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class ProgressPrinter(threading.Thread):
+    """Follows metrics.jsonl from the driver and prints one line per report (workers' logs stay in Ray's
+    log folder, so the terminal shows the run's progress and not Ray's internals)."""
+
+    def __init__(self, path: Path, total_steps: int):
+        super().__init__(daemon=True)
+        self.path, self.total_steps = path, total_steps
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.started = time.time()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(1.0):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            for line in f:
+                if line.endswith("\n"):
+                    self.offset += len(line.encode())
+                    print(format_progress(json.loads(line), self.total_steps, time.time() - self.started),
+                          flush=True)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join()
+        self.flush()
+
+
+def format_progress(m: dict, total_steps: int, elapsed: float) -> str:
+    step = m.get("step", 0)
+    parts = [f"step {step:>5}/{total_steps}"]
+    if "epoch" in m:
+        parts.append(f"epoch {m['epoch']:.2f}")
+    if "loss" in m:
+        parts.append(f"loss {m['loss']:.4f}")
+    if "lr" in m:
+        parts.append(f"lr {m['lr']:.2e}")
+    if "samples_per_second" in m:
+        parts.append(f"{m['samples_per_second']:.1f} samples/s")
+    evals = [f"{k.removeprefix('eval_')} {v:.4f}" for k, v in m.items()
+             if k.startswith("eval_") and isinstance(v, (int, float)) and k != "eval_num_examples"]
+    if evals:
+        parts.append("eval: " + ", ".join(evals))
+    if step and total_steps and not m.get("final"):
+        eta = elapsed / step * (total_steps - step)
+        parts.append(f"eta {eta:.0f}s")
+    return "  " + " | ".join(parts)
+
+
+def prepare_run_dir(cfg: RunConfig) -> tuple[Path, bool]:
+    """Pick the run folder: resume an unfinished one, never overwrite a finished one."""
+    base = Path(cfg.output.dir).resolve()
+    name = cfg.output.name
+    run_dir = base / name
+    suffix = 1
+    while (run_dir / "model").exists():
+        suffix += 1
+        run_dir = base / f"{name}-{suffix}"
+    resume = (run_dir / CHECKPOINTS).exists()
+    if run_dir.name != name:
+        cfg.output.name = run_dir.name
+        print(f"{base / name} holds a finished run; this run goes to {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, resume
+
+
+def resolve_use_gpu(cfg: RunConfig) -> bool:
+    import ray
+
+    if cfg.scaling.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(cfg.scaling.use_gpu)
+
+
+def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callbacks=()):
+    """The TorchTrainer of one run (datasets streamed from the Ray Data pipeline)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from training.data import Splits, tokenized
+
+    splits = Splits(cfg)
+    datasets = {"train": tokenized(splits.records("train"), cfg, labels),
+                "validation": tokenized(splits.records("validation"), cfg, labels)}
+    test = splits.records("test")
+    if test is not None:
+        datasets["test"] = tokenized(test, cfg, labels)
+    train_options = DataConfig.default_ingest_options()
+    train_options.preserve_order = True  # same order after a restart, so the skipped batches are the seen ones
+    resources = cfg.scaling.resources_per_worker or ({"CPU": 1, "GPU": 1} if plan.use_gpu else {"CPU": 1})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "plan": plan, "labels": labels},
+        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RayRunConfig(
+            name=CHECKPOINTS, storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": train_options}),
+    )
+
+
+def _root_cause(exc: BaseException) -> str:
+    errors = getattr(exc, "worker_failures", None) or getattr(exc, "worker_exceptions", None)
+    if isinstance(errors, dict) and errors:
+        exc = next(iter(errors.values()))
+    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
+        exc = exc.cause
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=()):
+    """Build and fit the trainer; returns Ray's Result. Raises UserError on a failed run."""
+    import ray
+    import ray.train
+
+    from training.preflight import count_parameters
+
+    labels = summary.labels
+    use_gpu = resolve_use_gpu(cfg)
+    num_params = count_parameters(cfg, len(labels.names) if labels else None)
+    plan = TrainPlan.build(cfg, summary.counts["train"], cfg.scaling.num_workers, use_gpu, num_params)
+    trainer = build_trainer(cfg, plan, labels, run_dir, [MetricsLogCallback(run_dir), *callbacks])
+    printer = ProgressPrinter(run_dir / "metrics.jsonl", plan.total_steps)
+    printer.start()
+    try:
+        return trainer.fit(), plan
+    except ray.train.TrainingFailedError as exc:
+        raise UserError(f"training failed: {_root_cause(exc)}\n  The run folder {run_dir} keeps its "
+                        "checkpoints: run the same command again to resume from the last one.\n  Worker "
+                        "logs: /tmp/ray/session_latest/logs (or run with RAYFINE_VERBOSE=1).") from None
+    finally:
+        printer.stop()
+
+
+def finalize_run(cfg: RunConfig, run_dir: Path, result) -> TrainResult:
+    """Copy the exported model out of the final checkpoint and write eval.json, plots and the model card."""
+    from training.export import write_model_card
+    from training.plots import write_plots
+
+    metrics = dict(result.metrics or {})
+    model_dir = run_dir / "model"
+    staging = run_dir / ".model.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(Path(ckpt) / "model", staging)
+    evaluation = {"validation": json.loads(metrics.get("eval_report", "{}"))}
+    if "test_report" in metrics:
+        evaluation["test"] = json.loads(metrics["test_report"])
+    write_model_card(staging, cfg, evaluation)
+    write_plots(run_dir / "metrics.jsonl", run_dir / "plots")
+    staging.rename(model_dir)  # atomic: a model/ folder only ever appears complete
+    (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
+    return TrainResult(run_dir, model_dir, evaluation)
+
+
+def train(cfg: RunConfig, address: str | None = None) -> TrainResult:
+    """``rayfine train``: validate, train, export; prints progress and the evaluation table."""
+    from cluster.ray_connect import connect
+    from training.evaluate import format_metrics_table
+    from training.preflight import summarize_data
+    from training.progress import quiet_ray_data
+
+    where = connect(address, num_workers=cfg.scaling.num_workers)
+    quiet_ray_data()
+    print(f"rayfine train: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
+    print("Checking the data ...", flush=True)
+    summary = summarize_data(cfg)  # before the run folder exists: bad data leaves nothing behind
+    counts = ", ".join(f"{k} {v:,}" for k, v in summary.counts.items())
+    print(f"  records: {counts}", flush=True)
+    run_dir, resume = prepare_run_dir(cfg)
+    print(("Resuming" if resume else "Starting") + f" run in {run_dir}", flush=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    started = time.time()
+    result, plan = fit_run(cfg, summary, run_dir)
+    print(f"Training finished in {time.time() - started:.0f}s ({plan.total_steps} steps, "
+          f"{cfg.scaling.num_workers} workers, ZeRO-{cfg.deepspeed.stage}).", flush=True)
+    done = finalize_run(cfg, run_dir, result)
+    for split, m in done.metrics.items():
+        print(f"\n{split} metrics:\n{format_metrics_table(m)}")
+    print(f"\nModel exported to {done.model_dir}")
+    return done

@@ -1,0 +1,118 @@
+"""DeepSpeed settings, derived from the run config by pure functions (unit-tested, no torch import)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.config import RunConfig, deep_merge
+
+
+def resolve_precision(precision: str, use_gpu: bool, bf16_supported: bool) -> str:
+    """``auto`` is bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if not use_gpu:
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def _scheduler(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
+    t = cfg.training
+    warmup = int(round(t.warmup_ratio * total_steps))
+    if t.lr_scheduler == "cosine":
+        return {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup,
+            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}}
+    params = {"warmup_min_lr": 0.0, "warmup_max_lr": t.learning_rate, "warmup_num_steps": warmup,
+              "warmup_type": "linear"}
+    if t.lr_scheduler == "constant":
+        return {"type": "WarmupLR", "params": params}
+    # WarmupDecayLR needs total > warmup or it divides by zero at the end of warmup.
+    return {"type": "WarmupDecayLR", "params": {**params, "total_num_steps": max(total_steps, warmup + 1)}}
+
+
+def _zero(cfg: RunConfig, use_gpu: bool, num_params: int | None) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.stage == 0:
+        return zero
+    # One bucket per ~model size: small models then reduce in a single collective instead of many tiny
+    # ones (a large share of step time on CPU/gloo); large models cap at DeepSpeed's 500M default.
+    # Rounded to whole MiB of elements: DeepSpeed asserts alignment of bucket sizes.
+    bucket = int(min(5e8, max(2e6, num_params or 5e8))) // 2**20 * 2**20 + 2**20
+    zero.update(contiguous_gradients=True, overlap_comm=use_gpu, reduce_scatter=True,
+                reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    if ds.stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True,
+                    stage3_prefetch_bucket_size=bucket,
+                    stage3_param_persistence_threshold=int(min(1e5, bucket // 10)))
+        zero.pop("allgather_bucket_size")
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    return zero
+
+
+def build_deepspeed_config(cfg: RunConfig, *, world_size: int, total_steps: int, use_gpu: bool,
+                           bf16_supported: bool = False, num_params: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for one run; ``deepspeed.config`` from the run config is merged last."""
+    t = cfg.training
+    precision = resolve_precision(cfg.deepspeed.precision, use_gpu, bf16_supported)
+    optimizer_params = {"lr": t.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
+                        "weight_decay": t.weight_decay}
+    if not cfg.deepspeed.offload_optimizer:
+        # torch's AdamW: no JIT-compiled fused op needed (offload uses DeepSpeed's CPU Adam instead).
+        optimizer_params["torch_adam"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.batch_size * t.gradient_accumulation_steps * world_size,
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "scheduler": _scheduler(cfg, total_steps),
+        "zero_optimization": _zero(cfg, use_gpu, num_params),
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.max_grad_norm > 0:
+        config["gradient_clipping"] = t.max_grad_norm
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                          "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return deep_merge(config, copy.deepcopy(cfg.deepspeed.config))
+
+
+@dataclass
+class MemoryEstimate:
+    device_bytes: float
+    cpu_bytes: float
+
+
+def estimate_memory_per_worker(num_params: int, stage: int, world_size: int,
+                               offload_optimizer: bool = False, offload_params: bool = False) -> MemoryEstimate:
+    """Model states per worker for mixed-precision Adam: 16 bytes/param, divided as ZeRO divides it.
+
+    2 (16-bit weights) + 2 (16-bit grads) + 12 (fp32 master weights, Adam m and v). ZeRO-1 partitions the 12,
+    ZeRO-2 also the grads, ZeRO-3 also the weights. Offload moves the optimizer part (and with ZeRO-3 the
+    weights) to CPU memory. Activations and buffers come on top and depend on batch and sequence length.
+    """
+    n, p = float(num_params), max(world_size, 1)
+    weights, grads, optim = 2 * n, 2 * n, 12 * n
+    if stage >= 1:
+        optim /= p
+    if stage >= 2:
+        grads /= p
+    if stage >= 3:
+        weights /= p
+    cpu = 0.0
+    if offload_optimizer:
+        cpu += optim
+        optim = 0.0
+    if offload_params and stage == 3:
+        cpu += weights
+        weights = 0.0
+    return MemoryEstimate(device_bytes=weights + grads + optim, cpu_bytes=cpu)

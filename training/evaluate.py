@@ -1,0 +1,133 @@
+"""``rayfine evaluate``: metrics of an exported model on any labelled data, computed with Ray Data.
+
+Batch inference runs in an actor pool (one model per actor); only predictions and gold label ids come back
+to the driver. The numbers equal the ones training reports, since both use the task adapter's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cluster.config import RunConfig
+from cluster.errors import UserError
+from training.tasks.base import LabelSpace
+
+
+def format_metrics_table(m: dict) -> str:
+    lines = [f"  {'metric':<12}{'value':>10}"]
+    for key in ("accuracy", "f1", "precision", "recall", "loss", "num_examples"):
+        if key in m:
+            v = m[key]
+            lines.append(f"  {key:<12}{v:>10.4f}" if isinstance(v, float) else f"  {key:<12}{v:>10}")
+    per_class = m.get("per_class")
+    if per_class:
+        lines.append(f"\n  {'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+        for name, c in per_class.items():
+            lines.append(f"  {name[:20]:<20}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}"
+                         f"{c['support']:>10}")
+    return "\n".join(lines)
+
+
+def load_model_info(model_dir: Path) -> dict:
+    meta_path = model_dir / "rayfine.json"
+    if not (model_dir / "config.json").exists():
+        raise UserError(f"--model {model_dir}: not a model folder (no config.json); pass RUN/model")
+    return json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+
+class PredictBatch:
+    """Ray Data actor UDF: tokenizer and model loaded once per actor."""
+
+    def __init__(self, cfg: RunConfig, model_dir: str, labels: LabelSpace):
+        import torch
+        import transformers
+        from transformers import AutoTokenizer
+
+        from training.tasks import get_adapter
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+        self.adapter = get_adapter(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = getattr(transformers, self.adapter.auto_model).from_pretrained(
+            model_dir, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code).eval()
+        self.labels = labels
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        enc = self.adapter.tokenize(batch, self.tokenizer, self.labels)
+        order = np.argsort(enc["length"], kind="stable")
+        preds = np.zeros(len(order), dtype=np.int64)
+        losses = np.zeros(len(order), dtype=np.float64)
+        with torch.no_grad():
+            for start in range(0, len(order), 32):
+                idx = order[start: start + 32]
+                chunk = {k: (v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx]) for k, v in enc.items()}
+                inputs = {k: torch.as_tensor(v) for k, v in self.adapter.collate(chunk, self.pad_id).items()}
+                out = self.model(**{k: v for k, v in inputs.items() if k != "labels"})
+                preds[idx] = self.adapter.predict(out.logits)
+                losses[idx] = torch.nn.functional.cross_entropy(
+                    out.logits.float(), inputs["labels"], reduction="none").numpy()
+        return {"pred": preds, "gold": np.asarray(enc["labels"]), "loss": losses}
+
+
+def evaluate_model(cfg: RunConfig, model_dir: Path, data: str | None = None) -> dict:
+    """Metrics of the model in ``model_dir`` on ``data`` (default: the config's test, else validation)."""
+    from ray.data import ActorPoolStrategy
+
+    from training.data import Splits, build_records, expand_inputs
+    from training.preflight import MAX_PROBLEMS
+    from training.tasks import get_adapter
+
+    info = load_model_info(model_dir)
+    names = info.get("labels") or _labels_from_config(model_dir)
+    labels = LabelSpace(list(names))
+    if data is not None:
+        records = build_records(expand_inputs(data, cfg.data.format, "--data"), cfg)
+    else:
+        splits = Splits(cfg)
+        records = splits.records("test") or splits.records("validation")
+    problems = [f"{r['_file']}:{r['_line']}: {r['_error']}" for r in
+                records.filter(lambda r: r["_error"] != "").take(MAX_PROBLEMS)]
+    if problems:
+        raise UserError(problems, header="Problems in the evaluation data:")
+    unknown = records.filter(lambda r: r["label"] not in set(names)).take(5)
+    if unknown:
+        raise UserError([f"{r['_file']}:{r['_line']}: label '{r['label']}' is not one the model knows "
+                         f"({', '.join(names)})" for r in unknown], header="Unknown labels:")
+    out = records.map_batches(PredictBatch, batch_size=256, compute=ActorPoolStrategy(size=1),
+                              fn_constructor_kwargs={"cfg": cfg, "model_dir": str(model_dir), "labels": labels})
+    preds, golds, losses = [], [], []
+    for batch in out.iter_batches(batch_size=4096, batch_format="numpy"):
+        preds.append(batch["pred"]), golds.append(batch["gold"]), losses.append(batch["loss"])
+    if not preds:
+        raise UserError("the evaluation data has no records")
+    metrics = get_adapter(cfg).compute_metrics(np.concatenate(preds), np.concatenate(golds), labels)
+    metrics["loss"] = float(np.concatenate(losses).mean())
+    return metrics
+
+
+def _labels_from_config(model_dir: Path) -> list[str]:
+    config = json.loads((model_dir / "config.json").read_text())
+    id2label = config.get("id2label") or {}
+    return [id2label[k] for k in sorted(id2label, key=int)]
+
+
+def evaluate_command(cfg: RunConfig, model_dir: Path, data: str | None, output: str | None,
+                     address: str | None) -> dict:
+    from cluster.ray_connect import connect
+    from training.progress import quiet_ray_data
+
+    connect(address, num_workers=1)
+    quiet_ray_data()
+    metrics = evaluate_model(cfg, model_dir, data)
+    print(f"Evaluation of {model_dir} on {data or 'the config data'}:\n{format_metrics_table(metrics)}")
+    if output:
+        Path(output).write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,388 @@
+"""The per-worker training loop: DeepSpeed engine, streaming batches, evaluation, checkpoints, export.
+
+Runs inside every Ray Train worker. Every rank executes the same sequence of collectives and the same number
+of ``ray.train.report`` calls (a report is a barrier), so every decision below depends only on the global
+step, never on rank-local data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cluster.config import RunConfig
+from training.tasks.base import LabelSpace
+
+STATE_FILE = "trainer_state.json"
+DS_TAG = "ds"
+
+
+@dataclass
+class TrainPlan:
+    """Step arithmetic fixed by the driver from the pre-flight counts (identical on every rank)."""
+
+    train_records: int
+    world_size: int
+    micro_per_epoch: int
+    total_steps: int
+    use_gpu: bool
+    num_params: int
+
+    @classmethod
+    def build(cls, cfg: RunConfig, train_records: int, world_size: int, use_gpu: bool, num_params: int):
+        t = cfg.training
+        # streaming_split(equal=True) gives every worker floor(N / world) records.
+        per_worker = train_records // world_size
+        micro = math.ceil(per_worker / t.batch_size)
+        total = (micro * t.epochs) // t.gradient_accumulation_steps
+        if t.max_steps:
+            total = min(total, t.max_steps)
+        return cls(train_records, world_size, micro, max(total, 1), use_gpu, num_params)
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved with every checkpoint so a restart continues mid-epoch."""
+
+    global_step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    samples_seen: int = 0
+    finished: bool = False
+
+
+def _set_threads(cfg: RunConfig, local_world: int) -> int:
+    """Ray workers don't get torchrun's OMP_NUM_THREADS=1: split the cores between local workers."""
+    import torch
+
+    threads = cfg.scaling.threads_per_worker or max(1, (os.cpu_count() or 1) // max(local_world, 1))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
+def _quiet_libraries() -> None:
+    """Per-worker logs of weight loading and DeepSpeed internals bury the run's progress lines."""
+    import logging
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("DeepSpeed", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def build_model(cfg: RunConfig, adapter, labels: LabelSpace | None):
+    import transformers
+
+    kwargs = adapter.model_kwargs(labels) if labels is not None else {}
+    return getattr(transformers, adapter.auto_model).from_pretrained(
+        cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _take(batch: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def iter_train_batches(shard, cfg: RunConfig, epoch: int):
+    """Micro-batches grouped by length: sort within a bucket of 16 batches, then shuffle batch order.
+
+    Padding is most of the wasted compute on short texts; grouping keeps it small while the local shuffle
+    and the shuffled batch order keep epochs varied. Deterministic for a given seed and epoch.
+    """
+    bs = cfg.training.batch_size
+    bucket = bs * 16
+    rng = np.random.default_rng([cfg.training.seed, epoch])
+    for big in shard.iter_batches(batch_size=bucket, batch_format="numpy", prefetch_batches=2,
+                                  local_shuffle_buffer_size=bucket * 2,
+                                  local_shuffle_seed=cfg.training.seed + epoch):
+        order = np.argsort(np.asarray(big["length"]), kind="stable")
+        chunks = [order[i: i + bs] for i in range(0, len(order), bs)]
+        rng.shuffle(chunks)
+        for idx in chunks:
+            yield _take(big, idx)
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def _to_device(arrays: dict[str, np.ndarray], device):
+    import torch
+
+    return {k: torch.tensor(v, device=device) for k, v in arrays.items()}
+
+
+class Worker:
+    """State of one rank: the engine, the data shards, and the current position."""
+
+    def __init__(self, cfg: RunConfig, plan: TrainPlan, labels: LabelSpace | None):
+        import ray.train
+        import torch
+
+        from training.tasks import get_adapter
+
+        ctx = ray.train.get_context()
+        _quiet_libraries()
+        self.cfg, self.plan, self.labels = cfg, plan, labels
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.threads = _set_threads(cfg, ctx.get_local_world_size())
+        torch.manual_seed(cfg.training.seed)
+        self.adapter = get_adapter(cfg)
+        if plan.use_gpu:
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()
+        else:
+            self.device = torch.device("cpu")
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.state = TrainState()
+        self.log_window: list[float] = []
+        self.window_start = time.perf_counter()
+        self.window_samples = 0
+        self.window_tokens = 0
+
+    # ---- engine ---------------------------------------------------------------------------------
+    def build_engine(self):
+        import deepspeed
+        import torch
+
+        from training.ds_config import build_deepspeed_config
+
+        bf16 = bool(self.plan.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        self.ds_config = build_deepspeed_config(
+            self.cfg, world_size=self.world, total_steps=self.plan.total_steps, use_gpu=self.plan.use_gpu,
+            bf16_supported=bf16, num_params=self.plan.num_params)
+        # Join DeepSpeed's comm layer to the process group Ray Train already set up; DeepSpeed's config
+        # (built below, also by HfDeepSpeedConfig) reads the world size from it.
+        deepspeed.init_distributed(dist_backend="nccl" if self.plan.use_gpu else "gloo")
+        dschf = None
+        if self.cfg.deepspeed.stage == 3:
+            # Keeps ZeRO-3 active while transformers loads the weights, so each rank only materializes its
+            # partition (zero.Init). Must stay referenced until the model is built.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            dschf = HfDeepSpeedConfig(self.ds_config)  # noqa: F841
+        model = build_model(self.cfg, self.adapter, self.labels)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=_param_groups(model, self.cfg.training.weight_decay),
+            config=self.ds_config)
+        del dschf
+
+    def restore(self, checkpoint) -> bool:
+        """Load engine and position from a Ray checkpoint; returns True when training already finished."""
+        with checkpoint.as_directory() as path:
+            state = json.loads((Path(path) / STATE_FILE).read_text())
+            self.state = TrainState(**state)
+            if self.state.finished:
+                return True
+            self.engine.load_checkpoint(path, tag=DS_TAG)
+        return False
+
+    # ---- reporting ------------------------------------------------------------------------------
+    def save_and_report(self, metrics: dict, checkpoint: bool):
+        import ray.train
+        from ray.train import Checkpoint
+
+        if not checkpoint:
+            ray.train.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.engine.save_checkpoint(tmp, tag=DS_TAG)  # every rank writes its own ZeRO shard
+                if self.rank == 0:
+                    (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(self.state)))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        self.window_start = time.perf_counter()  # throughput excludes evaluation and checkpoint time
+
+    def train_metrics(self) -> dict:
+        import torch
+        import torch.distributed as dist
+
+        loss = torch.tensor([sum(self.log_window), len(self.log_window)], dtype=torch.float64)
+        if dist.is_initialized():
+            loss = loss.to(self.device)
+            dist.all_reduce(loss)
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        metrics = {
+            "step": self.state.global_step,
+            "epoch": round(self.state.epoch + self.state.micro_in_epoch / max(self.plan.micro_per_epoch, 1), 4),
+            "loss": float(loss[0] / max(loss[1], 1)),
+            "lr": float(self.engine.get_lr()[0]),
+            "samples_per_second": self.window_samples * self.world / elapsed,
+            "tokens_per_second": self.window_tokens * self.world / elapsed,
+            "total_steps": self.plan.total_steps,
+        }
+        self.log_window.clear()
+        self.window_start, self.window_samples, self.window_tokens = time.perf_counter(), 0, 0
+        return metrics
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict:
+        """Metrics on a full (unsplit) split. Batches are dealt round-robin to ranks; every rank runs the
+        same number of forward passes (ZeRO-3 gathers parameters collectively), then results are gathered."""
+        import ray.train
+        import torch
+        import torch.distributed as dist
+
+        shard = ray.train.get_dataset_shard(split)
+        bs = self.cfg.training.batch_size * 2
+        preds, golds, loss_sum, count = [], [], 0.0, 0
+        self.engine.eval()
+        pending = None
+        with torch.no_grad():
+            for i, batch in enumerate(shard.iter_batches(batch_size=bs, batch_format="numpy")):
+                if i % self.world != self.rank:
+                    continue
+                pending = batch
+                p, g, l_sum, n = self._eval_batch(batch)
+                preds.append(p), golds.append(g)
+                loss_sum, count = loss_sum + l_sum, count + n
+            # Equalize forward passes across ranks: ranks that got fewer batches run dummy passes.
+            mine = torch.tensor([len(preds)], device=self.device)
+            most = mine.clone()
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            for _ in range(int(most.item() - mine.item())):
+                self._eval_batch(pending) if pending is not None else None
+        self.engine.train()
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, (preds, golds, loss_sum, count))
+        all_preds = _concat([p for r in gathered for p in r[0]])
+        all_golds = _concat([g for r in gathered for g in r[1]])
+        total_loss = sum(r[2] for r in gathered)
+        total = sum(r[3] for r in gathered)
+        metrics = self.adapter.compute_metrics(all_preds, all_golds, self.labels)
+        metrics["loss"] = total_loss / max(total, 1)
+        return metrics
+
+    def _eval_batch(self, batch):
+        inputs = _to_device(self.adapter.collate(batch, self.pad_id), self.device)
+        out = self.engine(**inputs)
+        n = len(inputs["labels"])
+        return self.adapter.predict(out.logits), inputs["labels"].cpu().numpy(), float(out.loss) * n, n
+
+    def eval_report(self) -> dict:
+        metrics = self.evaluate("validation")
+        return {f"eval_{k}": v for k, v in metrics.items() if not isinstance(v, dict)} | {
+            "eval_report": json.dumps(metrics)}
+
+    # ---- export ---------------------------------------------------------------------------------
+    def export(self, out_dir: Path) -> None:
+        """Consolidate the (possibly ZeRO-3 sharded) weights into one safetensors model on rank 0."""
+        if self.cfg.deepspeed.stage == 3:
+            state_dict = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls
+        else:
+            state_dict = self.engine.module.state_dict() if self.rank == 0 else None
+        if self.rank != 0:
+            return
+        module = self.engine.module
+        module.save_pretrained(out_dir, state_dict=state_dict)
+        self.tokenizer.save_pretrained(out_dir)
+        meta = {"task": self.cfg.task, "base_model": self.cfg.model.name_or_path,
+                "max_seq_length": self.cfg.data.max_seq_length,
+                "labels": self.labels.names if self.labels else None}
+        from cluster import __version__
+
+        meta["rayfine_version"] = __version__
+        (out_dir / "rayfine.json").write_text(json.dumps(meta, indent=2))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point of every Ray Train worker (``config`` carries the typed run config and the plan)."""
+    cfg: RunConfig = config["cfg"]
+    plan: TrainPlan = config["plan"]
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if plan.use_gpu else "cpu")
+    import ray.train
+
+    w = Worker(cfg, plan, config["labels"])
+    w.build_engine()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and w.restore(checkpoint):
+        return  # finished before a driver restart; the final checkpoint already holds the model
+    resumed = checkpoint is not None
+    t = cfg.training
+    shard = ray.train.get_dataset_shard("train")
+    s = w.state
+    while s.epoch < t.epochs and s.global_step < plan.total_steps:
+        micro = 0
+        for batch in iter_train_batches(shard, cfg, s.epoch):
+            if micro < s.micro_in_epoch:  # resuming mid-epoch: skip what the checkpoint already covers
+                micro += 1
+                continue
+            if micro >= plan.micro_per_epoch or s.global_step >= plan.total_steps:
+                break
+            inputs = _to_device(w.adapter.collate(batch, w.pad_id), w.device)
+            loss = w.engine(**inputs).loss
+            w.engine.backward(loss)
+            w.engine.step()
+            micro += 1
+            s.micro_in_epoch = micro
+            s.samples_seen += len(inputs["input_ids"]) * w.world
+            w.window_samples += len(inputs["input_ids"])
+            w.window_tokens += int(inputs["attention_mask"].sum())
+            w.log_window.append(loss.item())
+            if micro % t.gradient_accumulation_steps:
+                continue
+            s.global_step += 1
+            if t.inject_failure_at_step == s.global_step and not resumed and w.rank == 0:
+                raise RuntimeError(f"injected failure at step {s.global_step} (training.inject_failure_at_step)")
+            _maybe_report(w, end_of_epoch=False)
+        s.epoch += 1
+        s.micro_in_epoch = 0
+        if s.epoch < t.epochs and s.global_step < plan.total_steps:  # the last epoch ends in _finish
+            _maybe_report(w, end_of_epoch=True)
+    _finish(w)
+
+
+def _maybe_report(w: Worker, end_of_epoch: bool) -> None:
+    t, s = w.cfg.training, w.state
+    step = s.global_step
+    final = step >= w.plan.total_steps
+    log = end_of_epoch or step % t.log_every_steps == 0 or final
+    evaluate = (t.eval_every_steps and step % t.eval_every_steps == 0) or end_of_epoch
+    checkpoint = (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0) or end_of_epoch
+    if final and not end_of_epoch:
+        evaluate = checkpoint = False  # _finish evaluates and exports right after
+    if not (log or evaluate or checkpoint):
+        return
+    metrics = w.train_metrics() if w.log_window or log else {"step": step}
+    if evaluate:
+        metrics |= w.eval_report()
+    w.save_and_report(metrics, checkpoint=bool(checkpoint))
+
+
+def _finish(w: Worker) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    metrics = {"step": w.state.global_step, "final": True} | w.eval_report()
+    if w.cfg.data.test is not None:
+        test = w.evaluate("test")
+        metrics |= {f"test_{k}": v for k, v in test.items() if not isinstance(v, dict)}
+        metrics["test_report"] = json.dumps(test)
+    w.state.finished = True
+    with tempfile.TemporaryDirectory() as tmp:
+        w.export(Path(tmp) / "model")
+        if w.rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(w.state)))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if w.rank == 0 else None)

@@ -1,0 +1,64 @@
+"""The task adapter seam: what differs between tasks, and nothing else.
+
+The data pipeline, the DeepSpeed train loop, evaluation and export are shared. A task supplies:
+
+- ``parse_record``: check one raw record and normalize it into the task's columns (or say what is wrong);
+- ``tokenize``: turn a batch of normalized records into model inputs (runs in Ray Data actors);
+- ``collate``: pad a batch of tokenized rows into tensors (runs in the train workers);
+- ``build_model``: the Hugging Face model with the task's head;
+- ``predict``/``compute_metrics``: from model outputs to predictions, and predictions to metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class LabelSpace:
+    """Labels seen in the training split, in id order. ``numeric`` keeps int labels sorted as ints."""
+
+    names: list[str] = field(default_factory=list)
+    numeric: bool = False
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], numeric: bool) -> "LabelSpace":
+        key = (lambda s: int(s)) if numeric else (lambda s: s)
+        return cls(sorted(counts, key=key), numeric)
+
+
+class ParseError(ValueError):
+    """A record-level problem; the message names the field and the fix."""
+
+
+def pad_sequences(seqs: list[np.ndarray], pad_value: int, length: int | None = None) -> np.ndarray:
+    """Right-pad ragged int sequences to the longest (or ``length``)."""
+    width = length or max((len(s) for s in seqs), default=0)
+    out = np.full((len(seqs), width), pad_value, dtype=np.int64)
+    for i, seq in enumerate(seqs):
+        out[i, : len(seq)] = seq[:width]
+    return out
+
+
+def text_field(record: dict[str, Any], column: str, option: str, required: bool = True) -> str:
+    """A non-empty string column, or a ParseError naming the column and the config key."""
+    if column not in record:
+        if not required:
+            return ""
+        cols = ", ".join(sorted(record)) or "none"
+        raise ParseError(f"missing column '{column}' ({option}); columns are {cols}")
+    value = record[column]
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        raise ParseError(f"'{column}' is empty")
+    if not isinstance(value, str):
+        raise ParseError(f"'{column}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ParseError(f"'{column}' is empty")
+    return value

@@ -1,0 +1,82 @@
+"""Text (and text-pair) classification: sentiment, topic, NLI-style pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cluster.config import RunConfig
+from training.metrics import classification_metrics
+from training.tasks.base import LabelSpace, ParseError, pad_sequences, text_field
+
+
+class SequenceClassification:
+    name = "sequence_classification"
+    has_labels = True
+    auto_model = "AutoModelForSequenceClassification"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.data = cfg.data
+
+    # ---- records -------------------------------------------------------------------------------
+    def parse_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        d = self.data
+        text = text_field(record, d.text_column, "data.text_column")
+        pair = text_field(record, d.text_pair_column, "data.text_pair_column") if d.text_pair_column else ""
+        if d.label_column not in record:
+            cols = ", ".join(sorted(record))
+            raise ParseError(f"missing column '{d.label_column}' (data.label_column); columns are {cols}")
+        label = record[d.label_column]
+        if isinstance(label, bool) or not isinstance(label, (str, int, np.integer)):
+            if isinstance(label, float) and label.is_integer():
+                label = int(label)
+            else:
+                raise ParseError(f"'{d.label_column}' must be a string or an integer, got {label!r}")
+        if isinstance(label, str) and not label.strip():
+            raise ParseError(f"'{d.label_column}' is empty")
+        return {"text": text, "text_pair": pair, "label": str(label)}
+
+    @staticmethod
+    def empty_record() -> dict[str, Any]:
+        return {"text": "", "text_pair": "", "label": ""}
+
+    # ---- tokens --------------------------------------------------------------------------------
+    def tokenize(self, batch: dict[str, np.ndarray], tokenizer, labels: LabelSpace | None,
+                 truncate: bool = True) -> dict[str, Any]:
+        texts = list(batch["text"])
+        pairs = list(batch["text_pair"]) if self.data.text_pair_column else None
+        enc = tokenizer(texts, pairs, truncation=truncate,
+                        max_length=self.data.max_seq_length if truncate else None)
+        ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
+        out = {"input_ids": ids, "length": np.array([len(x) for x in ids], dtype=np.int32)}
+        if "token_type_ids" in enc:
+            out["token_type_ids"] = [np.asarray(x, dtype=np.int8) for x in enc["token_type_ids"]]
+        if labels is not None:
+            lookup = labels.label2id
+            out["labels"] = np.array([lookup.get(str(x), -1) for x in batch["label"]], dtype=np.int64)
+        return out
+
+    def collate(self, batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+        ids = list(batch["input_ids"])
+        input_ids = pad_sequences(ids, pad_id)
+        out = {"input_ids": input_ids, "attention_mask": (pad_sequences(ids, -1) != -1).astype(np.int64)}
+        if "token_type_ids" in batch:
+            out["token_type_ids"] = pad_sequences(list(batch["token_type_ids"]), 0)
+        out["labels"] = np.asarray(batch["labels"], dtype=np.int64)
+        return out
+
+    # ---- model and metrics ---------------------------------------------------------------------
+    def model_kwargs(self, labels: LabelSpace) -> dict[str, Any]:
+        return {"num_labels": len(labels.names),
+                "id2label": dict(enumerate(labels.names)),
+                "label2id": labels.label2id}
+
+    @staticmethod
+    def predict(logits) -> np.ndarray:
+        return logits.argmax(-1).cpu().numpy()
+
+    @staticmethod
+    def compute_metrics(preds: np.ndarray, labels: np.ndarray, label_space: LabelSpace) -> dict:
+        return classification_metrics(preds, labels, label_space.names)
