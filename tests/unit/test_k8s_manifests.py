@@ -633,7 +633,8 @@ def test_rayservice_serves_the_trained_model():
     assert config["http_options"]["host"] == "0.0.0.0", "the proxy must listen on the pod IP"
     for app in apps:
         assert app["import_path"] == SERVE_IMPORT_PATH
-        assert set(app["args"]) == {"model_dir", "serve"}, app["args"]
+        assert {"model_dir", "serve"} <= set(app["args"]) <= {"model_dir", "serve", "trust_remote_code"}
+        assert app["args"].get("trust_remote_code", False) is False, "never run a model folder's own code"
         serve = ServeConfig.model_validate(app["args"]["serve"])
         assert app["args"]["model_dir"] == str(run.run_dir / "model"), "serve the model the RayJob exports"
         assert serve.autoscaling is not None, "args.serve.autoscaling: the RayService autoscales"
@@ -683,17 +684,23 @@ def test_serve_config_keys_are_known_to_ray_serve():
     assert not problems, "\n".join(problems)
 
 
-def test_serve_deployment_names_exist_in_the_serving_app():
-    """A deployment override for a name the app does not define fails the deploy: keep them in step."""
-    app_file = REPO_ROOT / "serving" / "app.py"
-    if not app_file.is_file():
-        pytest.skip("serving/app.py is not written yet")
-    source = "\n".join(p.read_text() for p in (REPO_ROOT / "serving").rglob("*.py"))
-    for app in serve_config()["applications"]:
-        for dep in app.get("deployments", []):
-            name = re.escape(dep["name"])
-            assert re.search(rf"(class\s+{name}\b|name\s*=\s*['\"]{name}['\"])", source), \
-                f"serveConfigV2 deployment {dep['name']!r} is not a deployment name in serving/"
+def test_serve_config_is_what_rayfine_serve_writes():
+    """serveConfigV2 equals serving.deploy.build_serve_config for the same model folder and serve section, so
+    the deployment name, options and args stay in step with the app (a deployments entry naming a deployment
+    the app does not define fails the deploy)."""
+    deploy = pytest.importorskip("serving.deploy")  # imports Ray Serve (no cluster)
+    from cluster.config import ServeConfig
+
+    config = serve_config()
+    for app in config["applications"]:
+        serve = ServeConfig.model_validate(app["args"]["serve"])
+        expected = deploy.build_serve_config(Path(app["args"]["model_dir"]), serve, name=app["name"],
+                                             trust_remote_code=app["args"].get("trust_remote_code", False))
+        ours = copy.deepcopy(config)
+        ours["applications"] = [copy.deepcopy(app)]
+        ours["applications"][0]["args"]["serve"] = serve.model_dump(mode="json")  # defaults filled in
+        assert json.loads(json.dumps(ours)) == json.loads(json.dumps(expected)), (
+            "serveConfigV2 differs from `rayfine serve --config-out`:\n" + yaml.safe_dump(expected, sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------
