@@ -20,7 +20,7 @@ def resolve_precision(precision: str, use_gpu: bool, bf16_supported: bool) -> st
 
 def _scheduler(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
     t = cfg.training
-    warmup = int(round(t.warmup_ratio * total_steps))
+    warmup = max(1, int(round(t.warmup_ratio * total_steps)))  # DeepSpeed rejects 0
     if t.lr_scheduler == "cosine":
         return {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup,

@@ -324,16 +324,15 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     s = w.state
     while s.epoch < t.epochs and s.global_step < plan.total_steps:
-        micro = 0
-        for batch in iter_train_batches(shard, cfg, s.epoch):
+        epoch, micro = s.epoch, 0
+        for batch in iter_train_batches(shard, cfg, epoch):
             if micro < s.micro_in_epoch:  # resuming mid-epoch: skip what the checkpoint already covers
                 micro += 1
                 continue
-            if micro >= plan.micro_per_epoch or s.global_step >= plan.total_steps:
-                break
             inputs = _to_device(w.adapter.collate(batch, w.pad_id), w.device)
             loss = w.engine(**inputs).loss
             w.engine.backward(loss)
+            boundary = w.engine.is_gradient_accumulation_boundary()
             w.engine.step()
             micro += 1
             s.micro_in_epoch = micro
@@ -341,16 +340,19 @@ def train_loop_per_worker(config: dict) -> None:
             w.window_samples += len(inputs["input_ids"])
             w.window_tokens += int(inputs["attention_mask"].sum())
             w.log_window.append(loss.item())
-            if micro % t.gradient_accumulation_steps:
-                continue
-            s.global_step += 1
-            if t.inject_failure_at_step == s.global_step and not resumed and w.rank == 0:
-                raise RuntimeError(f"injected failure at step {s.global_step} (training.inject_failure_at_step)")
-            _maybe_report(w, end_of_epoch=False)
-        s.epoch += 1
-        s.micro_in_epoch = 0
-        if s.epoch < t.epochs and s.global_step < plan.total_steps:  # the last epoch ends in _finish
-            _maybe_report(w, end_of_epoch=True)
+            epoch_done = micro >= plan.micro_per_epoch
+            if epoch_done:  # a checkpoint taken now must resume at the next epoch's start
+                s.epoch, s.micro_in_epoch = epoch + 1, 0
+            if boundary:
+                s.global_step += 1
+                if t.inject_failure_at_step == s.global_step and not resumed and w.rank == 0:
+                    raise RuntimeError(f"injected failure at step {s.global_step} "
+                                       "(training.inject_failure_at_step)")
+                _maybe_report(w, end_of_epoch=epoch_done and s.epoch < t.epochs)
+            if epoch_done or s.global_step >= plan.total_steps:
+                break
+        if s.epoch == epoch:  # stopped early (max_steps) or the epoch had no complete step
+            s.epoch, s.micro_in_epoch = epoch + 1, 0
     _finish(w)
 
 

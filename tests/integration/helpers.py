@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cluster.config import load_config
+from tests.conftest import sentiment_rows, write_jsonl
+
+
+def classification_config(tmp_path: Path, model: Path, n_train: int = 320, n_val: int = 32, **sections):
+    """A small run config for the tiny BERT; ``sections`` are merged into the defaults below."""
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", sentiment_rows(n_train, seed=1))
+    val = write_jsonl(tmp_path / "data" / "val.jsonl", sentiment_rows(n_val, seed=2))
+    raw = {
+        "task": "sequence_classification",
+        "model": {"name_or_path": str(model)},
+        "data": {"train": str(train), "validation": str(val), "max_seq_length": 32},
+        "training": {"epochs": 2, "learning_rate": 5e-3, "batch_size": 8, "warmup_ratio": 0.0,
+                     "log_every_steps": 4, "eval_every_steps": 0, "checkpoint_every_steps": 0},
+        "deepspeed": {"stage": 2},
+        "scaling": {"num_workers": 2, "use_gpu": False},
+        "output": {"dir": str(tmp_path / "runs"), "name": "run"},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return load_config(raw=raw)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
