@@ -33,18 +33,36 @@ class TrainResult:
 
 
 class MetricsLogCallback(UserCallback):
-    """Runs in the Ray Train controller: appends rank 0's report to metrics.jsonl."""
+    """Runs in the Ray Train controller: appends rank 0's report to metrics.jsonl and exports the
+    training gauges (``ray_rayfine_train_*`` on Ray's Prometheus endpoint)."""
+
+    GAUGES = {"loss": "rayfine_train_loss", "samples_per_second": "rayfine_train_samples_per_second",
+              "step": "rayfine_train_step", "eval_loss": "rayfine_train_eval_loss"}
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_name = Path(run_dir).name
+        self._gauges = None
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         m = dict(metrics[0]) if metrics else {}
-        if m:
-            record = {k: v for k, v in m.items() if not k.endswith("_report")}
-            record["time"] = round(time.time(), 3)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not m:
+            return
+        record = {k: v for k, v in m.items() if not k.endswith("_report")}
+        record["time"] = round(time.time(), 3)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._export(record)
+
+    def _export(self, record: dict) -> None:
+        from ray.util.metrics import Gauge
+
+        if self._gauges is None:
+            self._gauges = {key: Gauge(name, description=f"rayfine training {key}", tag_keys=("run",))
+                            for key, name in self.GAUGES.items()}
+        for key, gauge in self._gauges.items():
+            if isinstance(record.get(key), (int, float)):
+                gauge.set(float(record[key]), tags={"run": self.run_name})
 
 
 class ProgressPrinter(threading.Thread):

@@ -1,7 +1,7 @@
 """``rayfine evaluate``: metrics of an exported model on any labelled data, computed with Ray Data.
 
-Batch inference runs in an actor pool (one model per actor); only predictions and gold label ids come back
-to the driver. The numbers equal the ones training reports, since both use the task adapter's metrics.
+Batch inference runs in an actor pool (one model per actor); only the small per-example results of the
+task adapter come back to the driver. The numbers equal the ones training reports, since both use the task adapter's metrics.
 """
 
 from __future__ import annotations
@@ -62,19 +62,18 @@ class PredictBatch:
         import torch
 
         enc = self.adapter.tokenize(batch, self.tokenizer, self.labels)
-        order = np.argsort(enc["length"], kind="stable")
-        preds = np.zeros(len(order), dtype=np.int64)
-        losses = np.zeros(len(order), dtype=np.float64)
+        order = np.argsort(enc["length"], kind="stable")  # batch by length: little padding
+        results, losses = [], []
         with torch.no_grad():
             for start in range(0, len(order), 32):
                 idx = order[start: start + 32]
                 chunk = {k: (v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx]) for k, v in enc.items()}
+                chunk = {k: (np.asarray(v, dtype=object) if isinstance(v, list) else v) for k, v in chunk.items()}
                 inputs = {k: torch.as_tensor(v) for k, v in self.adapter.collate(chunk, self.pad_id).items()}
-                out = self.model(**{k: v for k, v in inputs.items() if k != "labels"})
-                preds[idx] = self.adapter.predict(out.logits)
-                losses[idx] = torch.nn.functional.cross_entropy(
-                    out.logits.float(), inputs["labels"], reduction="none").numpy()
-        return {"pred": preds, "gold": np.asarray(enc["labels"]), "loss": losses}
+                out = self.model(**inputs)
+                results += self.adapter.eval_outputs(chunk, inputs, out)
+                losses += [float(out.loss)] * len(idx)
+        return {"result": [json.dumps(r) for r in results], "loss": np.asarray(losses)}
 
 
 def evaluate_model(cfg: RunConfig, model_dir: Path, data: str | None = None) -> dict:
@@ -97,18 +96,21 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, data: str | None = None) -> 
                 records.filter(lambda r: r["_error"] != "").take(MAX_PROBLEMS)]
     if problems:
         raise UserError(problems, header="Problems in the evaluation data:")
-    unknown = records.filter(lambda r: r["label"] not in set(names)).take(5)
+    adapter = get_adapter(cfg)
+    known = set(names)
+    unknown = records.filter(lambda r: r["label"] not in known).take(5) if adapter.has_labels else []
     if unknown:
         raise UserError([f"{r['_file']}:{r['_line']}: label '{r['label']}' is not one the model knows "
                          f"({', '.join(names)})" for r in unknown], header="Unknown labels:")
     out = records.map_batches(PredictBatch, batch_size=256, compute=ActorPoolStrategy(size=1),
                               fn_constructor_kwargs={"cfg": cfg, "model_dir": str(model_dir), "labels": labels})
-    preds, golds, losses = [], [], []
+    results, losses = [], []
     for batch in out.iter_batches(batch_size=4096, batch_format="numpy"):
-        preds.append(batch["pred"]), golds.append(batch["gold"]), losses.append(batch["loss"])
-    if not preds:
+        results += [json.loads(r) for r in batch["result"]]
+        losses.append(batch["loss"])
+    if not results:
         raise UserError("the evaluation data has no records")
-    metrics = get_adapter(cfg).compute_metrics(np.concatenate(preds), np.concatenate(golds), labels)
+    metrics = adapter.compute_metrics(results, labels)
     metrics["loss"] = float(np.concatenate(losses).mean())
     return metrics
 

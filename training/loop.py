@@ -120,10 +120,6 @@ def iter_train_batches(shard, cfg: RunConfig, epoch: int):
             yield _take(big, idx)
 
 
-def _concat(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-
-
 def _to_device(arrays: dict[str, np.ndarray], device):
     import torch
 
@@ -247,39 +243,30 @@ class Worker:
 
         shard = ray.train.get_dataset_shard(split)
         bs = self.cfg.training.batch_size * 2
-        preds, golds, loss_sum, count = [], [], 0.0, 0
+        results, loss_sum, count, passes, pending = [], 0.0, 0, 0, None
         self.engine.eval()
-        pending = None
         with torch.no_grad():
             for i, batch in enumerate(shard.iter_batches(batch_size=bs, batch_format="numpy")):
                 if i % self.world != self.rank:
                     continue
-                pending = batch
-                p, g, l_sum, n = self._eval_batch(batch)
-                preds.append(p), golds.append(g)
-                loss_sum, count = loss_sum + l_sum, count + n
-            # Equalize forward passes across ranks: ranks that got fewer batches run dummy passes.
-            mine = torch.tensor([len(preds)], device=self.device)
-            most = mine.clone()
+                pending, passes = batch, passes + 1
+                inputs = _to_device(self.adapter.collate(batch, self.pad_id), self.device)
+                out = self.engine(**inputs)
+                results += self.adapter.eval_outputs(batch, inputs, out)
+                n = len(inputs["input_ids"])
+                loss_sum, count = loss_sum + float(out.loss) * n, count + n
+            # Ranks that got fewer batches run dummy passes, so collectives inside forward stay matched.
+            most = torch.tensor([passes], device=self.device)
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            for _ in range(int(most.item() - mine.item())):
-                self._eval_batch(pending) if pending is not None else None
+            for _ in range(int(most.item()) - passes):
+                if pending is not None:
+                    self.engine(**_to_device(self.adapter.collate(pending, self.pad_id), self.device))
         self.engine.train()
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, (preds, golds, loss_sum, count))
-        all_preds = _concat([p for r in gathered for p in r[0]])
-        all_golds = _concat([g for r in gathered for g in r[1]])
-        total_loss = sum(r[2] for r in gathered)
-        total = sum(r[3] for r in gathered)
-        metrics = self.adapter.compute_metrics(all_preds, all_golds, self.labels)
-        metrics["loss"] = total_loss / max(total, 1)
+        dist.all_gather_object(gathered, (results, loss_sum, count))
+        metrics = self.adapter.compute_metrics([r for part in gathered for r in part[0]], self.labels)
+        metrics["loss"] = sum(p[1] for p in gathered) / max(sum(p[2] for p in gathered), 1)
         return metrics
-
-    def _eval_batch(self, batch):
-        inputs = _to_device(self.adapter.collate(batch, self.pad_id), self.device)
-        out = self.engine(**inputs)
-        n = len(inputs["labels"])
-        return self.adapter.predict(out.logits), inputs["labels"].cpu().numpy(), float(out.loss) * n, n
 
     def eval_report(self) -> dict:
         metrics = self.evaluate("validation")

@@ -6,7 +6,12 @@ The data pipeline, the DeepSpeed train loop, evaluation and export are shared. A
 - ``tokenize``: turn a batch of normalized records into model inputs (runs in Ray Data actors);
 - ``collate``: pad a batch of tokenized rows into tensors (runs in the train workers);
 - ``build_model``: the Hugging Face model with the task's head;
-- ``predict``/``compute_metrics``: from model outputs to predictions, and predictions to metrics.
+- ``eval_outputs``: from one evaluation batch and the model's outputs to small per-example results
+  (gathered from every rank);
+- ``compute_metrics``: from all per-example results to the task's metrics.
+
+``collate`` returns the model's inputs including its loss targets, so ``model(**inputs).loss`` is the
+training loss for every task.
 """
 
 from __future__ import annotations

@@ -74,9 +74,13 @@ class SequenceClassification:
                 "label2id": labels.label2id}
 
     @staticmethod
-    def predict(logits) -> np.ndarray:
-        return logits.argmax(-1).cpu().numpy()
+    def eval_outputs(batch: dict[str, np.ndarray], inputs: dict, outputs) -> list[dict]:
+        preds = outputs.logits.argmax(-1).cpu().numpy()
+        golds = inputs["labels"].cpu().numpy()
+        return [{"pred": int(p), "gold": int(g)} for p, g in zip(preds, golds)]
 
     @staticmethod
-    def compute_metrics(preds: np.ndarray, labels: np.ndarray, label_space: LabelSpace) -> dict:
-        return classification_metrics(preds, labels, label_space.names)
+    def compute_metrics(results: list[dict], label_space: LabelSpace) -> dict:
+        preds = np.array([r["pred"] for r in results], dtype=np.int64)
+        golds = np.array([r["gold"] for r in results], dtype=np.int64)
+        return classification_metrics(preds, golds, label_space.names)
