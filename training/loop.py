@@ -318,6 +318,9 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             inputs = _to_device(w.adapter.collate(batch, w.pad_id), w.device)
             loss = w.engine(**inputs).loss
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {s.global_step + 1}: training diverged; "
+                                         "lower training.learning_rate or raise training.warmup_ratio")
             w.engine.backward(loss)
             boundary = w.engine.is_gradient_accumulation_boundary()
             w.engine.step()
@@ -326,7 +329,7 @@ def train_loop_per_worker(config: dict) -> None:
             s.samples_seen += len(inputs["input_ids"]) * w.world
             w.window_samples += len(inputs["input_ids"])
             w.window_tokens += int(inputs["attention_mask"].sum())
-            w.log_window.append(loss.item())
+            w.log_window.append(float(loss.detach()))
             epoch_done = micro >= plan.micro_per_epoch
             if epoch_done:  # a checkpoint taken now must resume at the next epoch's start
                 s.epoch, s.micro_in_epoch = epoch + 1, 0
