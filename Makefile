@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(VENV)/bin/rayfine train ray_config.yaml
+	$(VENV)/bin/rayfine run ray_config.yaml --detach
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests

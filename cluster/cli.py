@@ -44,6 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="labelled data (default: the config's validation data)")
     p.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="deploy a model folder (or a run config's model) on Ray Serve")
+    p.add_argument("target", help="exported model folder (RUN/model) or a run config YAML")
+    _add_common(p, config=False)
+    p.add_argument("--detach", action="store_true", help="return once the app is up instead of blocking")
+    p.add_argument("--config-out", default=None, metavar="FILE",
+                   help="write the equivalent Ray Serve config (serve deploy / RayService) and exit")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("run", help="validate -> tune or train -> evaluate -> serve, then a sample request")
+    _add_common(p)
+    p.add_argument("--detach", action="store_true",
+                   help="return after the sample request instead of serving until Ctrl-C")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
@@ -72,6 +86,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     evaluate_command(cfg, Path(args.model), data=args.data, output=args.output, address=args.address)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.deploy import serve_command
+
+    return serve_command(args.target, args.overrides, args.address, args.detach, args.config_out)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    from cluster.pipeline import run_all
+
+    cfg = load_config(args.config, args.overrides)
+    return run_all(cfg, args.address, args.detach)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,100 @@
+"""``rayfine run``: validate -> tune or train -> evaluate -> serve, then one sample request.
+
+The control plane only orchestrates: training and serving are imported lazily and meet at the exported
+model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from cluster.config import RunConfig
+from cluster.errors import UserError
+
+
+def sample_request(task: str, sample: dict) -> tuple[str, dict]:
+    """The endpoint and body of a request that shows what the served model does."""
+    if task == "sequence_classification":
+        return "/v1/classify", {"input": sample.get("text") or "This was great!"}
+    if task == "token_classification":
+        tokens = sample.get("tokens") or ["Ada", "Lovelace", "lived", "in", "London"]
+        return "/v1/ner", {"input": " ".join(tokens)}
+    if task == "question_answering":
+        return "/v1/qa", {"question": sample.get("question", "Who wrote it?"),
+                          "context": sample.get("context", "It was written by Ada.")}
+    messages = sample.get("messages") or [{"role": "user", "content": sample.get("prompt", "Hello!")}]
+    prompt = [m for m in messages if m.get("role") != "assistant"][:2] or messages[:1]
+    return "/v1/chat/completions", {"messages": prompt, "max_tokens": 32, "temperature": 0}
+
+
+def first_record(cfg: RunConfig) -> dict:
+    """The first validation (else train) record, read directly: one line, not the dataset."""
+    from training.data import expand_inputs, iter_raw_records
+
+    for spec in (cfg.data.validation, cfg.data.train):
+        files = expand_inputs(spec, cfg.data.format, "data") if spec else []
+        for path, fmt in files[:1]:
+            for _, record, problem in iter_raw_records(path, fmt):
+                if record is not None and problem is None:
+                    return record
+    return {}
+
+
+def call_endpoint(url: str, path: str, body: dict, api_keys_env: str) -> dict:
+    import httpx
+
+    headers = {}
+    keys = os.environ.get(api_keys_env, "")
+    if keys:
+        headers["Authorization"] = f"Bearer {keys.split(',')[0].strip()}"
+    response = httpx.post(url + path, json=body, headers=headers, timeout=120)
+    return {"status": response.status_code, "body": response.json()}
+
+
+def run_all(cfg: RunConfig, address: str | None, detach: bool) -> int:
+    from training.driver import train
+
+    from serving.deploy import deploy, endpoints_for, shutdown
+
+    started = time.time()
+    print("== 1/4 validate + train ==", flush=True)
+    if cfg.tune.enabled:
+        from training.tune import tune_command
+
+        result = tune_command(cfg, address)
+        model_dir = Path(result.model_dir)
+    else:
+        model_dir = train(cfg, address=address).model_dir
+    print("\n== 2/4 evaluate ==", flush=True)
+    evaluation = json.loads((model_dir.parent / "eval.json").read_text())
+    for split, metrics in evaluation.items():
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        print(f"  {split}: {shown}")
+    print("\n== 3/4 serve ==", flush=True)
+    url = deploy(model_dir, cfg.serve, trust_remote_code=cfg.model.trust_remote_code, address=address)
+    for path in endpoints_for(cfg.task):
+        print(f"  {url}{path}")
+    print("\n== 4/4 sample request ==", flush=True)
+    path, body = sample_request(cfg.task, first_record(cfg))
+    answer = call_endpoint(url, path, body, cfg.serve.api_keys_env)
+    print(f"  POST {path} {json.dumps(body)}")
+    print(f"  -> {answer['status']} {json.dumps(answer['body'])}")
+    if answer["status"] != 200:
+        shutdown()
+        raise UserError(f"the served model answered {answer['status']} to the sample request")
+    print(f"\nDone in {time.time() - started:.0f}s. Model: {model_dir}  Serving at: {url}")
+    if detach:
+        if not (address or os.environ.get("RAY_ADDRESS")):
+            print("(--detach on a local Ray instance: the server stops as this command exits; "
+                  f"`rayfine serve {model_dir}` serves it again)")
+        return 0
+    print("Ctrl-C to stop serving")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown()
+    return 0
