@@ -54,3 +54,37 @@ def tiny_bert(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+FACTS = [("france", "paris"), ("italy", "rome"), ("spain", "madrid"), ("japan", "tokyo"), ("egypt", "cairo"),
+         ("peru", "lima"), ("kenya", "nairobi"), ("norway", "oslo"), ("chile", "santiago"), ("cuba", "havana")]
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """OpenAI chat records a tiny model can learn: the capital of a country."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        country, capital = rng.choice(FACTS)
+        rows.append({"messages": [{"role": "system", "content": "answer with one word"},
+                                  {"role": "user", "content": f"what is the capital of {country}?"},
+                                  {"role": "assistant", "content": f"the capital is {capital}"}]})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) with the MiniLM tokenizer (no chat template: rayfine adds its default)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+                         bos_token_id=tok.cls_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -34,17 +34,22 @@ class TrainPlan:
     total_steps: int
     use_gpu: bool
     num_params: int
+    packed: bool = False
 
     @classmethod
-    def build(cls, cfg: RunConfig, train_records: int, world_size: int, use_gpu: bool, num_params: int):
+    def build(cls, cfg: RunConfig, train_records: int, world_size: int, use_gpu: bool, num_params: int,
+              packed_sequences: int | None = None):
+        """``packed_sequences``: with data.packing, the estimated number of packed sequences per epoch. Their
+        exact count depends on each worker's data, so workers then end an epoch together when one runs out."""
         t = cfg.training
         # streaming_split(equal=True) gives every worker floor(N / world) records.
-        per_worker = train_records // world_size
-        micro = math.ceil(per_worker / t.batch_size)
+        per_worker = (packed_sequences or train_records) // world_size
+        micro = max(1, math.ceil(per_worker / t.batch_size))
         total = (micro * t.epochs) // t.gradient_accumulation_steps
         if t.max_steps:
             total = min(total, t.max_steps)
-        return cls(train_records, world_size, micro, max(total, 1), use_gpu, num_params)
+        return cls(train_records, world_size, micro, max(total, 1), use_gpu, num_params,
+                   packed=packed_sequences is not None)
 
 
 @dataclass
@@ -101,11 +106,12 @@ def _take(batch: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray
     return {k: v[idx] for k, v in batch.items()}
 
 
-def iter_train_batches(shard, cfg: RunConfig, epoch: int):
+def iter_train_batches(shard, cfg: RunConfig, epoch: int, pad_id: int = 0):
     """Micro-batches grouped by length: sort within a bucket of 16 batches, then shuffle batch order.
 
     Padding is most of the wasted compute on short texts; grouping keeps it small while the local shuffle
-    and the shuffled batch order keep epochs varied. Deterministic for a given seed and epoch.
+    and the shuffled batch order keep epochs varied. With ``data.packing`` the bucket's examples are packed
+    into ``max_seq_length`` sequences instead. Deterministic for a given seed and epoch.
     """
     bs = cfg.training.batch_size
     bucket = bs * 16
@@ -113,6 +119,15 @@ def iter_train_batches(shard, cfg: RunConfig, epoch: int):
     for big in shard.iter_batches(batch_size=bucket, batch_format="numpy", prefetch_batches=2,
                                   local_shuffle_buffer_size=bucket * 2,
                                   local_shuffle_seed=cfg.training.seed + epoch):
+        if cfg.data.packing:
+            from training.tasks.causal_lm import pack_rows
+
+            packed = pack_rows(big, cfg.data.max_seq_length, pad_id)
+            rng.shuffle(packed)
+            for i in range(0, len(packed), bs):
+                group = packed[i: i + bs]
+                yield {k: np.stack([g[k] for g in group]) for k in group[0]}
+            continue
         order = np.argsort(np.asarray(big["length"]), kind="stable")
         chunks = [order[i: i + bs] for i in range(0, len(order), bs)]
         rng.shuffle(chunks)
@@ -120,10 +135,30 @@ def iter_train_batches(shard, cfg: RunConfig, epoch: int):
             yield _take(big, idx)
 
 
+def synchronized(batches, device):
+    """Stop every rank's epoch as soon as one rank runs out of batches (packed epochs differ in length)."""
+    import torch
+    import torch.distributed as dist
+
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        more = torch.tensor([0 if batch is None else 1], device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MIN)
+        if not more.item():
+            return
+        yield batch
+
+
 def _to_device(arrays: dict[str, np.ndarray], device):
     import torch
 
     return {k: torch.tensor(v, device=device) for k, v in arrays.items()}
+
+
+def _match_dtype(inputs: dict, dtype) -> dict:
+    """Float inputs (packed 4D attention masks) follow the engine's compute dtype."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 class Worker:
@@ -152,8 +187,11 @@ class Worker:
 
         self.tokenizer = AutoTokenizer.from_pretrained(
             cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        if hasattr(self.adapter, "prepare_tokenizer"):
+            self.adapter.prepare_tokenizer(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.state = TrainState()
+        self.resumed_from_step = 0
         self.log_window: list[float] = []
         self.window_start = time.perf_counter()
         self.window_samples = 0
@@ -181,6 +219,12 @@ class Worker:
 
             dschf = HfDeepSpeedConfig(self.ds_config)  # noqa: F841
         model = build_model(self.cfg, self.adapter, self.labels)
+        if self.cfg.model.lora.enabled:
+            from training.lora import apply_lora
+
+            model = apply_lora(model, self.cfg)
+        precision = "bf16" if "bf16" in self.ds_config else "fp16" if "fp16" in self.ds_config else "fp32"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=_param_groups(model, self.cfg.training.weight_decay),
             config=self.ds_config)
@@ -191,6 +235,7 @@ class Worker:
         with checkpoint.as_directory() as path:
             state = json.loads((Path(path) / STATE_FILE).read_text())
             self.state = TrainState(**state)
+            self.resumed_from_step = self.state.global_step
             if self.state.finished:
                 return True
             self.engine.load_checkpoint(path, tag=DS_TAG)
@@ -211,6 +256,11 @@ class Worker:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         self.window_start = time.perf_counter()  # throughput excludes evaluation and checkpoint time
 
+    def epoch_progress(self) -> float:
+        """Epochs done; within a packed epoch only an estimate (its length is known when it ends)."""
+        fraction = self.state.micro_in_epoch / max(self.plan.micro_per_epoch, 1)
+        return round(self.state.epoch + (min(fraction, 0.99) if self.plan.packed else fraction), 4)
+
     def train_metrics(self) -> dict:
         import torch
         import torch.distributed as dist
@@ -222,12 +272,13 @@ class Worker:
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         metrics = {
             "step": self.state.global_step,
-            "epoch": round(self.state.epoch + self.state.micro_in_epoch / max(self.plan.micro_per_epoch, 1), 4),
+            "epoch": self.epoch_progress(),
             "loss": float(loss[0] / max(loss[1], 1)),
             "lr": float(self.engine.get_lr()[0]),
             "samples_per_second": self.window_samples * self.world / elapsed,
             "tokens_per_second": self.window_tokens * self.world / elapsed,
             "total_steps": self.plan.total_steps,
+            "resumed_from_step": self.resumed_from_step,
         }
         self.log_window.clear()
         self.window_start, self.window_samples, self.window_tokens = time.perf_counter(), 0, 0
@@ -283,8 +334,14 @@ class Worker:
         if self.rank != 0:
             return
         module = self.engine.module
-        module.save_pretrained(out_dir, state_dict=state_dict)
-        self.tokenizer.save_pretrained(out_dir)
+        if self.cfg.model.lora.enabled:
+            from training.lora import export_lora
+
+            kwargs = self.adapter.model_kwargs(self.labels) if self.labels is not None else {}
+            export_lora(module, state_dict, out_dir, self.cfg, self.tokenizer, kwargs)
+        else:
+            module.save_pretrained(out_dir, state_dict=state_dict)
+            self.tokenizer.save_pretrained(out_dir)
         meta = {"task": self.cfg.task, "model_id": self.cfg.output.name,
                 "base_model": self.cfg.model.name_or_path,
                 "max_seq_length": self.cfg.data.max_seq_length,
@@ -313,11 +370,12 @@ def train_loop_per_worker(config: dict) -> None:
     s = w.state
     while s.epoch < t.epochs and s.global_step < plan.total_steps:
         epoch, micro = s.epoch, 0
-        for batch in iter_train_batches(shard, cfg, epoch):
+        batches = iter_train_batches(shard, cfg, epoch, w.pad_id)
+        for batch in (synchronized(batches, w.device) if plan.packed else batches):
             if micro < s.micro_in_epoch:  # resuming mid-epoch: skip what the checkpoint already covers
                 micro += 1
                 continue
-            inputs = _to_device(w.adapter.collate(batch, w.pad_id), w.device)
+            inputs = _match_dtype(_to_device(w.adapter.collate(batch, w.pad_id), w.device), w.dtype)
             loss = w.engine(**inputs).loss
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at step {s.global_step + 1}: training diverged; "
@@ -329,9 +387,10 @@ def train_loop_per_worker(config: dict) -> None:
             s.micro_in_epoch = micro
             s.samples_seen += len(inputs["input_ids"]) * w.world
             w.window_samples += len(inputs["input_ids"])
-            w.window_tokens += int(inputs["attention_mask"].sum())
+            w.window_tokens += int((inputs["input_ids"] != w.pad_id).sum()) if plan.packed else \
+                int(inputs["attention_mask"].sum())
             w.log_window.append(float(loss.detach()))
-            epoch_done = micro >= plan.micro_per_epoch
+            epoch_done = not plan.packed and micro >= plan.micro_per_epoch
             if epoch_done:  # a checkpoint taken now must resume at the next epoch's start
                 s.epoch, s.micro_in_epoch = epoch + 1, 0
             if boundary:
@@ -342,8 +401,10 @@ def train_loop_per_worker(config: dict) -> None:
                 _maybe_report(w, end_of_epoch=epoch_done and s.epoch < t.epochs)
             if epoch_done or s.global_step >= plan.total_steps:
                 break
-        if s.epoch == epoch:  # stopped early (max_steps) or the epoch had no complete step
+        if s.epoch == epoch:  # a packed epoch ran out, or max_steps stopped it
             s.epoch, s.micro_in_epoch = epoch + 1, 0
+            if plan.packed and s.epoch < t.epochs and s.global_step < plan.total_steps:
+                _maybe_report(w, end_of_epoch=True)
     _finish(w)
 
 
@@ -358,7 +419,7 @@ def _maybe_report(w: Worker, end_of_epoch: bool) -> None:
         evaluate = checkpoint = False  # _finish evaluates and exports right after
     if not (log or evaluate or checkpoint):
         return
-    metrics = w.train_metrics() if w.log_window or log else {"step": step}
+    metrics = w.train_metrics() if w.log_window else {"step": step, "epoch": w.epoch_progress()}
     if evaluate:
         metrics |= w.eval_report()
     w.save_and_report(metrics, checkpoint=bool(checkpoint))
