@@ -58,6 +58,26 @@ class DataConfig(_Section):
         0.1, ge=0.0, lt=1.0, description="fraction of train held out when data.validation is not set"
     )
     shuffle_seed: int = 42
+    # token_classification (CoNLL files always give the columns tokens and tags)
+    tokens_column: str = Field("tokens", description="token_classification: the list of words of a sentence")
+    tags_column: str = Field("tags", description="token_classification: one BIO tag per word")
+    tag_scheme: Literal["iob2", "iob1"] = Field(
+        "iob2", description="token_classification: iob2 reports an I- tag that does not follow B-/I- of its "
+        "type; iob1 accepts it as the start of an entity (converted to IOB2)")
+    label_all_subtokens: bool = Field(
+        False, description="token_classification: every sub-token of a word carries its label in the loss; "
+        "False = only the first (the rest are ignored)")
+    # question_answering (nested SQuAD JSON files always give question, context and answers)
+    question_column: str = Field("question", description="question_answering: the question")
+    context_column: str = Field("context", description="question_answering: the passage holding the answer")
+    answers_column: str = Field(
+        "answers", description="question_answering: {text: [...], answer_start: [...]} (character offsets); "
+        "empty lists = unanswerable")
+    doc_stride: int = Field(
+        32, ge=0, description="question_answering: tokens shared by consecutive windows of a long context")
+    max_answer_length: int = Field(30, ge=1, description="question_answering: longest predicted answer, tokens")
+    n_best: int = Field(20, ge=1, description="question_answering: start/end candidates per window when decoding")
+
 
 
 class TrainingConfig(_Section):
@@ -168,6 +188,9 @@ def contradictions(cfg: RunConfig) -> list[str]:
         problems.append("deepspeed.offload_optimizer: needs deepspeed.stage 1, 2 or 3")
     if ds.precision in ("bf16", "fp16") and cfg.scaling.use_gpu is False:
         problems.append(f"deepspeed.precision: {ds.precision} needs a GPU; use fp32 or auto with scaling.use_gpu: false")
+    if cfg.task == "question_answering" and 2 * cfg.data.doc_stride >= cfg.data.max_seq_length:
+        problems.append(f"data.doc_stride: {cfg.data.doc_stride} must be less than half data.max_seq_length "
+                        f"({cfg.data.max_seq_length}), or windows would barely advance")
     if cfg.serve.num_replicas is not None and cfg.serve.autoscaling is not None:
         problems.append("serve.num_replicas: set either num_replicas or autoscaling, not both")
     auto = cfg.serve.autoscaling

@@ -21,6 +21,7 @@ import numpy as np
 
 from cluster.config import RunConfig
 from cluster.errors import UserError
+from training.formats import iter_conll, iter_squad, looks_like_json_document
 from training.tasks.base import LabelSpace, ParseError
 
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
@@ -44,7 +45,7 @@ def expand_inputs(spec: str | list[str] | None, fmt: str, key: str) -> list[tupl
             file_fmt = fmt if fmt != "auto" else SUFFIX_FORMATS.get(Path(path).suffix.lower())
             if file_fmt is None:
                 problems.append(f"{key}: cannot tell the format of '{path}' from its extension; set "
-                                f"data.format to one of jsonl, parquet, csv")
+                                f"data.format to one of jsonl, parquet, csv, conll, squad")
             else:
                 found.append((path, file_fmt))
     if problems:
@@ -95,7 +96,10 @@ def _open_text(path: str) -> io.TextIOBase:
 
 def iter_raw_records(path: str, fmt: str) -> Iterator[tuple[int, dict | None, str | None]]:
     """Yield ``(line, record, problem)``; ``line`` is 1-based (the data row for Parquet)."""
-    if fmt in ("jsonl", "json"):
+    if fmt == "json":  # JSON lines, or one document: nested SQuAD
+        with _open_text(path) as f:
+            fmt = "squad" if looks_like_json_document(f) else "jsonl"
+    if fmt == "jsonl":
         with _open_text(path) as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
@@ -115,6 +119,12 @@ def iter_raw_records(path: str, fmt: str) -> Iterator[tuple[int, dict | None, st
             reader = csv.DictReader(f, delimiter=delimiter)
             for row in reader:
                 yield reader.line_num, {k: v for k, v in row.items() if k is not None}, None
+    elif fmt == "conll":
+        with _open_text(path) as f:
+            yield from iter_conll(f)
+    elif fmt == "squad":
+        with _open_text(path) as f:
+            yield from iter_squad(f.read())
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -160,6 +170,7 @@ def read_shard_rows(path: str, fmt: str, cfg: RunConfig, carve: float, keep: str
                     row = adapter.parse_record(record)
                 except ParseError as exc:
                     problem = str(exc)
+                    line = getattr(exc, "line", None) or line  # e.g. the word's own line in a CoNLL sentence
             row = row or adapter.empty_record()
             row.update(_file=path, _line=line, _split=split, _error=problem or "")
             chunk.append(row)

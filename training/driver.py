@@ -195,7 +195,8 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=()):
     labels = summary.labels
     use_gpu = resolve_use_gpu(cfg)
     num_params = count_parameters(cfg, len(labels.names) if labels else None)
-    plan = TrainPlan.build(cfg, summary.counts["train"], cfg.scaling.num_workers, use_gpu, num_params)
+    # Rows, not records: a QA record becomes one row per window of its context.
+    plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu, num_params)
     trainer = build_trainer(cfg, plan, labels, run_dir, [MetricsLogCallback(run_dir), *callbacks])
     printer = ProgressPrinter(run_dir / "metrics.jsonl", plan.total_steps)
     printer.start()
@@ -244,6 +245,9 @@ def train(cfg: RunConfig, address: str | None = None) -> TrainResult:
     summary = summarize_data(cfg)  # before the run folder exists: bad data leaves nothing behind
     counts = ", ".join(f"{k} {v:,}" for k, v in summary.counts.items())
     print(f"  records: {counts}", flush=True)
+    if any(summary.rows(k) != v for k, v in summary.counts.items()):
+        print("  rows after tokenization: " + ", ".join(f"{k} {summary.rows(k):,}" for k in summary.counts),
+              flush=True)
     run_dir, resume = prepare_run_dir(cfg)
     print(("Resuming" if resume else "Starting") + f" run in {run_dir}", flush=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))

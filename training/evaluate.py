@@ -19,13 +19,14 @@ from training.tasks.base import LabelSpace
 
 def format_metrics_table(m: dict) -> str:
     lines = [f"  {'metric':<12}{'value':>10}"]
-    for key in ("accuracy", "f1", "precision", "recall", "loss", "num_examples"):
+    for key in ("accuracy", "exact_match", "f1", "precision", "recall", "loss", "num_examples"):
         if key in m:
             v = m[key]
             lines.append(f"  {key:<12}{v:>10.4f}" if isinstance(v, float) else f"  {key:<12}{v:>10}")
-    per_class = m.get("per_class")
+    kind = "class" if "per_class" in m else "type"  # NER reports entity types
+    per_class = m.get("per_class") or m.get("per_type")
     if per_class:
-        lines.append(f"\n  {'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+        lines.append(f"\n  {kind:<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
         for name, c in per_class.items():
             lines.append(f"  {name[:20]:<20}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}"
                          f"{c['support']:>10}")
@@ -81,7 +82,7 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, data: str | None = None) -> 
     from ray.data import ActorPoolStrategy
 
     from training.data import Splits, build_records, expand_inputs
-    from training.preflight import MAX_PROBLEMS
+    from training.preflight import MAX_PROBLEMS, record_labels
     from training.tasks import get_adapter
 
     info = load_model_info(model_dir)
@@ -98,10 +99,14 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, data: str | None = None) -> 
         raise UserError(problems, header="Problems in the evaluation data:")
     adapter = get_adapter(cfg)
     known = set(names)
-    unknown = records.filter(lambda r: r["label"] not in known).take(5) if adapter.has_labels else []
+
+    def unknown_labels(r: dict) -> list[str]:  # a record's labels (NER: its tags) the model cannot predict
+        return sorted(set(record_labels(adapter, {k: [v] for k, v in r.items()})[0]) - known)
+
+    unknown = records.filter(lambda r: bool(unknown_labels(r))).take(5) if adapter.has_labels else []
     if unknown:
-        raise UserError([f"{r['_file']}:{r['_line']}: label '{r['label']}' is not one the model knows "
-                         f"({', '.join(names)})" for r in unknown], header="Unknown labels:")
+        raise UserError([f"{r['_file']}:{r['_line']}: label '{', '.join(unknown_labels(r))}' is not one the model "
+                         f"knows ({', '.join(names)})" for r in unknown], header="Unknown labels:")
     out = records.map_batches(PredictBatch, batch_size=256, compute=ActorPoolStrategy(size=1),
                               fn_constructor_kwargs={"cfg": cfg, "model_dir": str(model_dir), "labels": labels})
     results, losses = [], []

@@ -14,22 +14,42 @@ _USAGE = {
     "sequence_classification": ('from transformers import pipeline\n'
                                 'clf = pipeline("text-classification", model="{path}")\n'
                                 'print(clf("I loved it"))'),
+    "token_classification": ('from transformers import pipeline\n'
+                             'ner = pipeline("token-classification", model="{path}", aggregation_strategy="simple")\n'
+                             'print(ner("Ada Lovelace was born in London"))'),
+    # transformers 5 removed pipeline("question-answering"): the span decoding it did, in plain code.
+    "question_answering": ('import torch\n'
+                           'from transformers import AutoModelForQuestionAnswering, AutoTokenizer\n'
+                           'tok = AutoTokenizer.from_pretrained("{path}")\n'
+                           'model = AutoModelForQuestionAnswering.from_pretrained("{path}")\n'
+                           'question, context = "Where was Ada born?", "Ada was born in London."\n'
+                           'enc = tok(question, context, return_offsets_mapping=True, return_tensors="pt")\n'
+                           'offsets = enc.pop("offset_mapping")[0]\n'
+                           'outside = torch.tensor([s != 1 for s in enc.sequence_ids(0)])\n'
+                           'with torch.no_grad():\n'
+                           '    out = model(**enc)\n'
+                           'start = int(out.start_logits[0].masked_fill(outside, -1e9).argmax())\n'
+                           'end = start + int(out.end_logits[0, start:start + 30].argmax())\n'
+                           'print(context[offsets[start][0]:offsets[end][1]])'),
 }
+PIPELINE_TAGS = {"sequence_classification": "text-classification", "token_classification": "token-classification",
+                 "question_answering": "question-answering"}
+METRICS = ("accuracy", "exact_match", "f1", "precision", "recall", "loss", "num_examples")
 
 
 def write_model_card(model_dir: Path, cfg: RunConfig, evaluation: dict) -> None:
     t, ds = cfg.training, cfg.deepspeed
     rows = []
     for split, m in evaluation.items():
-        for key in ("accuracy", "f1", "precision", "recall", "loss", "num_examples"):
+        for key in METRICS:
             if key in m:
                 value = m[key]
                 rows.append(f"| {split} | {key} | {value:.4f} |" if isinstance(value, float)
                             else f"| {split} | {key} | {value} |")
-    usage = _USAGE.get(cfg.task, "").format(path=model_dir.name)
+    usage = _USAGE.get(cfg.task, "").format(path=Path(cfg.run_dir, "model"))  # model_dir is a staging folder
     text = f"""---
 library_name: transformers
-pipeline_tag: {'text-classification' if cfg.task == 'sequence_classification' else cfg.task}
+pipeline_tag: {PIPELINE_TAGS.get(cfg.task, cfg.task)}
 base_model: {cfg.model.name_or_path}
 ---
 # {cfg.output.name}

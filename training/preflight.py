@@ -42,22 +42,40 @@ class SummarizeBatch:
                   for f, n, e in zip(batch["_file"], batch["_line"], batch["_error"]) if e]
         ok = np.asarray(batch["_error"]) == ""
         summary = {"errors": errors[:MAX_PROBLEMS], "num_errors": len(errors),
-                   "counts": {}, "labels": {}, "first_seen": {}, "lengths": {}}
+                   "counts": {}, "labels": {}, "first_seen": {}, "lengths": {}, "stats": {}}
         clean = {k: np.asarray(v)[ok] for k, v in batch.items()}
         if ok.any():
             lengths = self.adapter.tokenize(clean, self.tokenizer, None, truncate=False)["length"]
+            stats = record_stats(self.adapter, clean, self.tokenizer)
+            labels = record_labels(self.adapter, clean) if getattr(self.adapter, "has_labels", False) else None
             for split in np.unique(clean["_split"]):
                 mask = clean["_split"] == split
                 summary["counts"][split] = int(mask.sum())
                 summary["lengths"][split] = [int(x) for x in np.asarray(lengths)[mask]]
-                if getattr(self.adapter, "has_labels", False):
-                    labels = clean["label"][mask]
-                    summary["labels"][split] = dict(Counter(str(x) for x in labels))
-                    where = {}
-                    for lab, f, n in zip(labels, clean["_file"][mask], clean["_line"][mask]):
-                        where.setdefault(str(lab), f"{f}:{n}")
-                    summary["first_seen"][split] = where
+                summary["stats"][split] = {k: int(np.asarray(v)[mask].sum()) for k, v in stats.items()}
+                if labels is not None:
+                    counts, where = Counter(), {}
+                    for i in np.flatnonzero(mask):
+                        counts.update(labels[i])
+                        for lab in labels[i]:
+                            where.setdefault(lab, f"{clean['_file'][i]}:{clean['_line'][i]}")
+                    summary["labels"][split], summary["first_seen"][split] = dict(counts), where
         return {"summary": [json.dumps(summary)]}
+
+
+def record_labels(adapter, batch: dict[str, np.ndarray]) -> list[list[str]]:
+    """The label strings of each record: the adapter's ``record_labels`` (e.g. NER tags), else ``label``."""
+    if hasattr(adapter, "record_labels"):
+        return adapter.record_labels(batch)
+    return [[str(x)] for x in batch["label"]]
+
+
+def record_stats(adapter, batch: dict[str, np.ndarray], tokenizer) -> dict[str, np.ndarray]:
+    """Per-record counts, summed per split: ``rows`` (the tokenized rows each record becomes: one, or one
+    per window of a long QA context) and the adapter's own checks from its ``record_stats``."""
+    if hasattr(adapter, "record_stats"):
+        return adapter.record_stats(batch, tokenizer)
+    return {"rows": np.ones(len(batch["_error"]), dtype=np.int64)}
 
 
 @dataclass
@@ -66,6 +84,11 @@ class DataSummary:
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     lengths: dict[str, np.ndarray] = field(default_factory=dict)
     labels: LabelSpace | None = None
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)  # per split: rows and task checks
+
+    def rows(self, split: str) -> int:
+        """Rows the tokenizer makes of a split (what training steps over); records when not counted."""
+        return self.stats.get(split, {}).get("rows", self.counts.get(split, 0))
 
     def length_stats(self, split: str, max_len: int) -> dict[str, float]:
         x = self.lengths.get(split, np.zeros(0))
@@ -98,6 +121,7 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
     lengths: dict[str, list[int]] = defaultdict(list)
     labels: dict[str, Counter] = defaultdict(Counter)
     first_seen: dict[str, dict[str, str]] = defaultdict(dict)
+    stats: dict[str, Counter] = defaultdict(Counter)
     for source, ds in sources:
         for s in _summaries(ds, cfg):
             problems += s["errors"][: MAX_PROBLEMS - len(problems)]
@@ -106,7 +130,9 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
                 name = split if source == "train" else source
                 result.counts[name] = result.counts.get(name, 0) + n
                 lengths[name] += s["lengths"][split]
-                labels[name].update(s["labels"].get(split, {}))
+                stats[name].update(s["stats"][split])
+                if split in s["labels"]:
+                    labels[name].update(s["labels"][split])
                 for lab, where in s["first_seen"].get(split, {}).items():
                     first_seen[name].setdefault(lab, where)
     if num_problems > len(problems):
@@ -115,6 +141,7 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
         raise UserError(problems, header=f"{num_problems} problem(s) in the data:")
     result.lengths = {k: np.asarray(v) for k, v in lengths.items()}
     result.label_counts = {k: dict(v) for k, v in labels.items()}
+    result.stats = {k: dict(v) for k, v in stats.items()}
     _check_splits(cfg, splits, result, first_seen)
     return result
 
@@ -129,13 +156,19 @@ def _check_splits(cfg: RunConfig, splits: Splits, result: DataSummary, first_see
                             "records held out none; raise it or set data.validation")
     train_labels = result.label_counts.get("train")
     if train_labels is not None:
-        numeric = all(_is_int(x) for x in train_labels)
-        result.labels = LabelSpace.from_counts(train_labels, numeric)
+        from training.tasks import get_adapter
+
+        adapter = get_adapter(cfg)
+        if hasattr(adapter, "build_label_space"):  # e.g. NER: O, then B-/I- of every entity type
+            result.labels = adapter.build_label_space(train_labels)
+        else:
+            result.labels = LabelSpace.from_counts(train_labels, all(_is_int(x) for x in train_labels))
         if len(train_labels) < 2:
-            problems.append(f"data.label_column: training data has {len(train_labels)} distinct label(s); "
+            option = getattr(adapter, "label_option", "data.label_column")
+            problems.append(f"{option}: training data has {len(train_labels)} distinct label(s); "
                             "a classifier needs at least 2")
         for split in ("validation", "test"):
-            for lab in sorted(set(result.label_counts.get(split, {})) - set(train_labels)):
+            for lab in sorted(set(result.label_counts.get(split, {})) - set(result.labels.names)):
                 problems.append(f"{first_seen[split][lab]}: label '{lab}' in {split} never appears in train; "
                                 "add training examples for it or remove it")
     if problems:
@@ -196,6 +229,7 @@ def format_report(cfg: RunConfig, summary: DataSummary, num_params: int) -> str:
     train = summary.length_stats("train", max_len)
     if train:
         lines.append(f"  tokens per epoch (train, after truncation): {train['tokens']:,}")
+    lines += _format_rows_and_checks(summary)
     lines += ["", f"parameters: {num_params:,}",
               f"memory per worker (model states, ZeRO-{cfg.deepspeed.stage}, {cfg.scaling.num_workers} workers, "
               "16 bytes/param mixed-precision Adam):"]
@@ -208,6 +242,23 @@ def format_report(cfg: RunConfig, summary: DataSummary, num_params: int) -> str:
         lines.append(f"  ZeRO-{stage}: {_fmt_bytes(est.device_bytes)} on the device{cpu}{mark}")
     lines.append("  (activations come on top; they grow with batch_size x max_seq_length)")
     return "\n".join(lines)
+
+
+def _format_rows_and_checks(summary: DataSummary) -> list[str]:
+    """Rows after tokenization where they differ from records (QA windows), and the task's own checks."""
+    lines = []
+    if any(summary.rows(s) != n for s, n in summary.counts.items()):
+        lines += ["", "rows after tokenization (a long context becomes several windows; training counts rows):"]
+        for split, n in summary.counts.items():
+            rows = summary.rows(split)
+            lines.append(f"  {split:<11} {rows:>9,}  ({rows / max(n, 1):.2f} per record)")
+    checks = sorted({k for st in summary.stats.values() for k in st} - {"rows"})
+    if checks:
+        lines += ["", "checks (records):", "  " + f"{'':<24}" + "".join(f"{s:>12}" for s in summary.counts)]
+        for key in checks:
+            lines.append("  " + f"{key.replace('_', ' '):<24}" + "".join(
+                f"{summary.stats.get(s, {}).get(key, 0):>12,}" for s in summary.counts))
+    return lines
 
 
 def run_preflight(cfg: RunConfig, address: str | None = None) -> DataSummary:

@@ -12,5 +12,13 @@ def get_adapter(cfg: RunConfig):
         from training.tasks.sequence_classification import SequenceClassification
 
         return SequenceClassification(cfg)
-    raise ConfigError(f"task: {cfg.task!r} is not available in this version of rayfine; "
-                      "use task: sequence_classification")
+    if cfg.task == "token_classification":
+        from training.tasks.token_classification import TokenClassification
+
+        return TokenClassification(cfg)
+    if cfg.task == "question_answering":
+        from training.tasks.question_answering import QuestionAnswering
+
+        return QuestionAnswering(cfg)
+    raise ConfigError(f"task: {cfg.task!r} is not available in this version of rayfine; use task: "
+                      "sequence_classification, token_classification or question_answering")
