@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -53,7 +53,8 @@ class DataConfig(_Section):
     text_pair_column: Optional[str] = None
     label_column: str = "label"
     max_seq_length: int = Field(128, ge=8, le=131072, description="tokens; longer records are truncated")
-    packing: bool = False
+    packing: bool = Field(False, description="causal_lm: pack several examples into each max_seq_length sequence")
+    train_on_prompt: bool = Field(False, description="causal_lm: also compute the loss on prompt/user tokens")
     validation_split: float = Field(
         0.1, ge=0.0, lt=1.0, description="fraction of train held out when data.validation is not set"
     )
@@ -77,7 +78,6 @@ class DataConfig(_Section):
         32, ge=0, description="question_answering: tokens shared by consecutive windows of a long context")
     max_answer_length: int = Field(30, ge=1, description="question_answering: longest predicted answer, tokens")
     n_best: int = Field(20, ge=1, description="question_answering: start/end candidates per window when decoding")
-
 
 
 class TrainingConfig(_Section):
@@ -116,16 +116,121 @@ class ScalingConfig(_Section):
 
 
 class TuneConfig(_Section):
-    enabled: bool = False
-    num_samples: int = Field(4, ge=1)
-    max_concurrent_trials: int = Field(1, ge=1)
-    metric: str = "eval_loss"
+    enabled: bool = Field(False, description="`rayfine run` searches (tune) instead of one train run")
+    num_samples: int = Field(4, ge=1, description="trials drawn; with grid keys, trials per grid point")
+    max_concurrent_trials: int = Field(
+        1, ge=1, description="trials at once; each takes scaling.num_workers workers (lowered on a local "
+        "instance too small for it)")
+    metric: str = Field("eval_loss", description="a metric reported at each evaluation: eval_loss, eval_accuracy, "
+                        "eval_f1, ...")
     mode: Literal["min", "max"] = "min"
-    scheduler: Literal["asha", "fifo"] = "asha"
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops weak trials early; fifo runs all")
     search_alg: Literal["random", "optuna"] = "random"
     grace_period: int = Field(1, ge=1, description="evaluations before ASHA may stop a trial")
-    reduction_factor: int = Field(2, ge=2)
-    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    reduction_factor: int = Field(2, ge=2, description="ASHA keeps the best 1/reduction_factor at each rung")
+    search_space: dict[str, Any] = Field(
+        default_factory=dict, description="config path -> one distribution, e.g. training.learning_rate: "
+        "{loguniform: [1.0e-5, 1.0e-3]}; see SEARCH_DISTRIBUTIONS")
+
+
+# Distributions of tune.search_space and the arguments each takes (sampled with Ray Tune's functions of the
+# same name; grid is tune.grid_search, randint's upper bound is exclusive).
+SEARCH_DISTRIBUTIONS = {
+    "loguniform": "[low, high] with 0 < low < high",
+    "uniform": "[low, high] with low < high",
+    "randint": "[low, high] integers, high exclusive",
+    "choice": "[value, ...]",
+    "grid": "[value, ...] (every value is tried)",
+}
+SEARCHABLE_SECTIONS = ("model", "data", "training", "deepspeed")
+
+
+def search_field(path: str) -> Any:
+    """The pydantic field at a dotted config path of a searchable section; raises ValueError if none."""
+    parts = path.split(".")
+    if parts[0] not in SEARCHABLE_SECTIONS or len(parts) < 2:
+        raise ValueError(f"not a searchable config path; keys go under {', '.join(SEARCHABLE_SECTIONS)}, "
+                         "e.g. training.learning_rate")
+    section = _section_for(tuple(parts[:-1]))
+    field = section.model_fields.get(parts[-1]) if section else None
+    if field is None or _section_for(tuple(parts)) is not None:
+        valid = ", ".join(section.model_fields) if section else ""
+        where = f"; valid keys under {'.'.join(parts[:-1])} are {valid}" if valid else ""
+        raise ValueError(f"not a config path{where}")
+    return field
+
+
+def _number(value: Any) -> float | None:
+    """A YAML number; also "1e-5", which YAML 1.1 reads as a string (it wants 1.0e-5)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_search_space(space: dict[str, Any]) -> tuple[dict[str, tuple[str, list]], list[str]]:
+    """Check tune.search_space against the schema; returns ({path: (distribution, args)}, problems).
+
+    Args come back converted: real bounds as floats, choice/grid values as the field's own type, so a
+    sampled value always fits the field (training.batch_size only ever gets ints).
+    """
+    from pydantic import TypeAdapter
+
+    parsed, problems = {}, []
+    for path, spec in space.items():
+        where = f"tune.search_space.{path}"
+        try:
+            field = search_field(path)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_DISTRIBUTIONS):
+            problems.append(f"{where}: expected one distribution of {', '.join(SEARCH_DISTRIBUTIONS)}, e.g. "
+                            f"{{loguniform: [1.0e-5, 1.0e-3]}} (got {spec!r})")
+            continue
+        kind, args = next(iter(spec.items()))
+        adapter = TypeAdapter(field.annotation if not field.metadata else
+                              Annotated[(field.annotation, *field.metadata)])
+        try:
+            parsed[path] = (kind, _search_args(kind, args, adapter, _takes_reals(field.annotation)))
+        except ValueError as exc:
+            problems.append(f"{where}: {kind}: {exc}")
+    return parsed, problems
+
+
+def _takes_reals(annotation: Any) -> bool:
+    return annotation is float or float in getattr(annotation, "__args__", ())
+
+
+def _search_args(kind: str, args: Any, adapter: Any, takes_reals: bool) -> list:
+    """Validated arguments of one distribution (ValueError names what is wrong)."""
+    from pydantic import ValidationError
+
+    def fits(value):
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"{value!r} does not fit this key: {exc.errors()[0]['msg']}") from None
+
+    if not isinstance(args, list) or not args:
+        raise ValueError(f"expected a list: {SEARCH_DISTRIBUTIONS[kind]} (got {args!r})")
+    if kind in ("choice", "grid"):
+        return [fits(v) for v in args]
+    if len(args) != 2:
+        raise ValueError(f"expected {SEARCH_DISTRIBUTIONS[kind]} (got {args!r})")
+    if kind == "randint":
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in args) or args[0] >= args[1]:
+            raise ValueError(f"expected {SEARCH_DISTRIBUTIONS[kind]} (got {args!r})")
+        return [fits(args[0]), fits(args[1] - 1) + 1]
+    low, high = (_number(v) for v in args)
+    if low is None or high is None or not low < high or (kind == "loguniform" and low <= 0):
+        raise ValueError(f"expected {SEARCH_DISTRIBUTIONS[kind]} (got {args!r})")
+    if not takes_reals:
+        raise ValueError("samples real numbers but this key takes integers or fixed values; use randint or choice")
+    fits(low), fits(high)
+    return [low, high]
 
 
 class AutoscalingConfig(_Section):
@@ -148,6 +253,13 @@ class ServeConfig(_Section):
     api_keys_env: str = Field("RAYFINE_API_KEYS", description="env var holding comma-separated API keys")
     max_input_tokens: int = Field(512, ge=1)
     max_new_tokens: int = Field(256, ge=1)
+    trust_remote_code: bool = Field(
+        False, description="run the model folder's own Python code; `rayfine serve CONFIG` also honours "
+        "model.trust_remote_code")
+    cpus_per_replica: float = Field(1.0, ge=0.0, description="Ray CPUs reserved per model replica")
+    gpus_per_replica: float = Field(0.0, ge=0.0, description="Ray GPUs per replica; > 0 runs the model on CUDA")
+    threads_per_replica: Optional[int] = Field(
+        None, ge=1, description="torch threads per replica; None = the node's cores / replicas")
 
 
 class OutputConfig(_Section):
@@ -170,7 +282,7 @@ class RunConfig(_Section):
     def _check_contradictions(self) -> "RunConfig":
         problems = contradictions(self)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # load_config lists them one per line
         return self
 
     @property
@@ -198,6 +310,19 @@ def contradictions(cfg: RunConfig) -> list[str]:
         problems.append("serve.autoscaling.min_replicas: must not exceed max_replicas")
     if cfg.model.lora.enabled and cfg.task != "causal_lm" and cfg.model.lora.target_modules is None:
         pass  # encoders get their default target modules from the adapter
+    problems += tune_problems(cfg.tune)
+    return problems
+
+
+def tune_problems(tune: TuneConfig) -> list[str]:
+    """The search space against the schema, and the distributions the search algorithm can sample."""
+    parsed, problems = parse_search_space(tune.search_space)
+    for path, (kind, args) in parsed.items():
+        if tune.search_alg == "optuna" and kind == "grid":
+            problems.append(f"tune.search_space.{path}: optuna does not take grid; use choice, or search_alg: random")
+        if tune.search_alg == "optuna" and kind == "choice" and any(isinstance(v, (list, dict)) for v in args):
+            problems.append(f"tune.search_space.{path}: optuna chooses among plain values only (numbers, "
+                            "strings, booleans); use search_alg: random")
     return problems
 
 
@@ -345,7 +470,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [_format_error(e, raw) for e in exc.errors()]
+        problems = [line for e in exc.errors() for line in _format_error(e, raw).split("\n")]
         where = f"{path}" if path else "config"
         raise ConfigError(problems, header=f"{where}: {len(problems)} problem(s) in the config:") from None
     if cfg.output.name is None:

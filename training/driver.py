@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import threading
 import time
@@ -185,8 +186,10 @@ def _root_cause(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
-def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=()):
-    """Build and fit the trainer; returns Ray's Result. Raises UserError on a failed run."""
+def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool = True):
+    """Build and fit the trainer; returns Ray's Result. Raises UserError on a failed run.
+
+    ``progress=False`` skips the per-report lines (a Tune trial's driver prints nowhere a user looks)."""
     import ray
     import ray.train
 
@@ -196,10 +199,12 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=()):
     use_gpu = resolve_use_gpu(cfg)
     num_params = count_parameters(cfg, len(labels.names) if labels else None)
     # Rows, not records: a QA record becomes one row per window of its context.
-    plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu, num_params)
+    plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu, num_params,
+                           packed_sequences=estimate_packed_sequences(cfg, summary))
     trainer = build_trainer(cfg, plan, labels, run_dir, [MetricsLogCallback(run_dir), *callbacks])
-    printer = ProgressPrinter(run_dir / "metrics.jsonl", plan.total_steps)
-    printer.start()
+    printer = ProgressPrinter(run_dir / "metrics.jsonl", plan.total_steps) if progress else None
+    if printer:
+        printer.start()
     try:
         return trainer.fit(), plan
     except ray.train.TrainingFailedError as exc:
@@ -207,7 +212,16 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=()):
                         "checkpoints: run the same command again to resume from the last one.\n  Worker "
                         "logs: /tmp/ray/session_latest/logs (or run with RAYFINE_VERBOSE=1).") from None
     finally:
-        printer.stop()
+        if printer:
+            printer.stop()
+
+
+def estimate_packed_sequences(cfg: RunConfig, summary) -> int | None:
+    """With data.packing: packed sequences per epoch, from the token count at a typical 85% fill."""
+    if not cfg.data.packing:
+        return None
+    tokens = summary.length_stats("train", cfg.data.max_seq_length).get("tokens", 0)
+    return max(1, math.ceil(tokens / (cfg.data.max_seq_length * 0.85)))
 
 
 def finalize_run(cfg: RunConfig, run_dir: Path, result) -> TrainResult:
@@ -221,11 +235,18 @@ def finalize_run(cfg: RunConfig, run_dir: Path, result) -> TrainResult:
     shutil.rmtree(staging, ignore_errors=True)
     with result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / "model", staging)
+        if (Path(ckpt) / "adapter").is_dir():  # LoRA: the peft adapter folder beside the model
+            shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+            shutil.copytree(Path(ckpt) / "adapter", run_dir / "adapter")
     evaluation = {"validation": json.loads(metrics.get("eval_report", "{}"))}
     if "test_report" in metrics:
         evaluation["test"] = json.loads(metrics["test_report"])
     write_model_card(staging, cfg, evaluation)
     write_plots(run_dir / "metrics.jsonl", run_dir / "plots")
+    if cfg.task == "causal_lm":
+        from training.samples import write_samples
+
+        write_samples(cfg, staging, run_dir / "samples.jsonl")
     staging.rename(model_dir)  # atomic: a model/ folder only ever appears complete
     (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
     return TrainResult(run_dir, model_dir, evaluation)

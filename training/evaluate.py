@@ -18,11 +18,12 @@ from training.tasks.base import LabelSpace
 
 
 def format_metrics_table(m: dict) -> str:
-    lines = [f"  {'metric':<12}{'value':>10}"]
-    for key in ("accuracy", "exact_match", "f1", "precision", "recall", "loss", "num_examples"):
-        if key in m:
-            v = m[key]
-            lines.append(f"  {key:<12}{v:>10.4f}" if isinstance(v, float) else f"  {key:<12}{v:>10}")
+    lines = [f"  {'metric':<16}{'value':>10}"]
+    for key, v in m.items():  # every scalar the task reports, in its order
+        if isinstance(v, float):
+            lines.append(f"  {key:<16}{v:>10.4f}")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            lines.append(f"  {key:<16}{v:>10}")
     kind = "class" if "per_class" in m else "type"  # NER reports entity types
     per_class = m.get("per_class") or m.get("per_type")
     if per_class:

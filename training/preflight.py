@@ -230,6 +230,9 @@ def format_report(cfg: RunConfig, summary: DataSummary, num_params: int) -> str:
     if train:
         lines.append(f"  tokens per epoch (train, after truncation): {train['tokens']:,}")
     lines += _format_rows_and_checks(summary)
+    from training.tasks import get_adapter
+
+    lines += getattr(get_adapter(cfg), "report_lines", lambda _: [])(summary)
     lines += ["", f"parameters: {num_params:,}",
               f"memory per worker (model states, ZeRO-{cfg.deepspeed.stage}, {cfg.scaling.num_workers} workers, "
               "16 bytes/param mixed-precision Adam):"]

@@ -20,5 +20,9 @@ def get_adapter(cfg: RunConfig):
         from training.tasks.question_answering import QuestionAnswering
 
         return QuestionAnswering(cfg)
+    if cfg.task == "causal_lm":
+        from training.tasks.causal_lm import CausalLM
+
+        return CausalLM(cfg)
     raise ConfigError(f"task: {cfg.task!r} is not available in this version of rayfine; use task: "
                       "sequence_classification, token_classification or question_answering")
