@@ -1,10 +1,10 @@
 """Useful tokens per second with and without packing, on long-tailed chat data.
 
-    .venv/bin/python benchmarks/packing.py [--records 512] [--max-seq-length 256] [--batch-size 8]
+    .venv/bin/python benchmarks/packing.py [--records 256] [--max-seq-length 256] [--batch-size 8]
 
 Runs rayfine's own batching (training/loop.py `iter_train_batches` logic: length-grouped batches, or
 `pack_rows` into max_seq_length sequences with block-diagonal attention) through forward + backward + AdamW
-of a small Llama (4 layers, hidden 256) on CPU, in one process. Lengths follow a log-normal distribution
+of a small Llama (2 layers, hidden 128) on CPU, in one process. Lengths follow a log-normal distribution
 (median ~40 tokens, a tail past 256), as chat data does. "Useful" tokens are non-padding tokens; packed
 batches hold batch-size sequences of max_seq_length tokens, unpacked ones batch-size examples.
 """
@@ -65,8 +65,8 @@ def run(rows, mode, args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=256, intermediate_size=512,
-                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=128, intermediate_size=256,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                          max_position_embeddings=args.max_seq_length))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     useful = total = 0
@@ -85,7 +85,7 @@ def run(rows, mode, args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=512)
+    parser.add_argument("--records", type=int, default=256)
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8, help="examples per unpacked batch")
     parser.add_argument("--packed-batch-size", type=int, default=2, help="packed sequences per batch")
