@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO, sentiment_rows, write_jsonl
+from tests.conftest import sentiment_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
 from cluster.errors import UserError
-from tests.conftest import sentiment_rows, write_jsonl
 from tests.integration.helpers import classification_config, read_metrics
 from training.driver import train
 

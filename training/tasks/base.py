@@ -52,6 +52,22 @@ def pad_sequences(seqs: list[np.ndarray], pad_value: int, length: int | None = N
     return out
 
 
+def padded_inputs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """``input_ids`` padded to the longest row, its ``attention_mask``, and ``token_type_ids`` when present."""
+    ids = list(batch["input_ids"])
+    out = {"input_ids": pad_sequences(ids, pad_id),
+           "attention_mask": (pad_sequences(ids, -1) != -1).astype(np.int64)}
+    if "token_type_ids" in batch:
+        out["token_type_ids"] = pad_sequences(list(batch["token_type_ids"]), 0)
+    return out
+
+
+def label_head_kwargs(labels: LabelSpace) -> dict:
+    """``from_pretrained`` arguments of a classification head over ``labels`` (saved in config.json)."""
+    return {"num_labels": len(labels.names), "id2label": dict(enumerate(labels.names)),
+            "label2id": labels.label2id}
+
+
 def text_field(record: dict[str, Any], column: str, option: str, required: bool = True) -> str:
     """A non-empty string column, or a ParseError naming the column and the config key."""
     if column not in record:

@@ -19,7 +19,7 @@ import numpy as np
 from cluster.config import RunConfig
 from cluster.errors import UserError
 from training.span_metrics import squad_metrics
-from training.tasks.base import LabelSpace, ParseError, pad_sequences, text_field
+from training.tasks.base import LabelSpace, ParseError, padded_inputs, text_field
 
 SPECIAL_TOKENS = 3  # [CLS] question [SEP] context [SEP]
 
@@ -188,11 +188,7 @@ class QuestionAnswering:
                 "question_truncated": cut.astype(np.int64)}
 
     def collate(self, batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-        ids = list(batch["input_ids"])
-        out = {"input_ids": pad_sequences(ids, pad_id),
-               "attention_mask": (pad_sequences(ids, -1) != -1).astype(np.int64)}
-        if "token_type_ids" in batch:
-            out["token_type_ids"] = pad_sequences(list(batch["token_type_ids"]), 0)
+        out = padded_inputs(batch, pad_id)
         out["start_positions"] = np.asarray(batch["start_positions"], dtype=np.int64)
         out["end_positions"] = np.asarray(batch["end_positions"], dtype=np.int64)
         return out

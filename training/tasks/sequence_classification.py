@@ -8,7 +8,7 @@ import numpy as np
 
 from cluster.config import RunConfig
 from training.metrics import classification_metrics
-from training.tasks.base import LabelSpace, ParseError, pad_sequences, text_field
+from training.tasks.base import LabelSpace, ParseError, label_head_kwargs, padded_inputs, text_field
 
 
 class SequenceClassification:
@@ -59,19 +59,11 @@ class SequenceClassification:
         return out
 
     def collate(self, batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-        ids = list(batch["input_ids"])
-        input_ids = pad_sequences(ids, pad_id)
-        out = {"input_ids": input_ids, "attention_mask": (pad_sequences(ids, -1) != -1).astype(np.int64)}
-        if "token_type_ids" in batch:
-            out["token_type_ids"] = pad_sequences(list(batch["token_type_ids"]), 0)
-        out["labels"] = np.asarray(batch["labels"], dtype=np.int64)
-        return out
+        return padded_inputs(batch, pad_id) | {"labels": np.asarray(batch["labels"], dtype=np.int64)}
 
     # ---- model and metrics ---------------------------------------------------------------------
     def model_kwargs(self, labels: LabelSpace) -> dict[str, Any]:
-        return {"num_labels": len(labels.names),
-                "id2label": dict(enumerate(labels.names)),
-                "label2id": labels.label2id}
+        return label_head_kwargs(labels)
 
     @staticmethod
     def eval_outputs(batch: dict[str, np.ndarray], inputs: dict, outputs) -> list[dict]:

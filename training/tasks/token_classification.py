@@ -16,7 +16,7 @@ import numpy as np
 from cluster.config import RunConfig
 from cluster.errors import UserError
 from training.span_metrics import entity_metrics, split_tag
-from training.tasks.base import LabelSpace, ParseError, pad_sequences
+from training.tasks.base import LabelSpace, ParseError, label_head_kwargs, pad_sequences, padded_inputs
 
 IGNORE = -100  # the label id torch's cross-entropy skips
 
@@ -139,19 +139,11 @@ class TokenClassification:
                 for i, name in enumerate(labels.names)}
 
     def collate(self, batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-        ids = list(batch["input_ids"])
-        out = {"input_ids": pad_sequences(ids, pad_id),
-               "attention_mask": (pad_sequences(ids, -1) != -1).astype(np.int64)}
-        if "token_type_ids" in batch:
-            out["token_type_ids"] = pad_sequences(list(batch["token_type_ids"]), 0)
-        out["labels"] = pad_sequences(list(batch["labels"]), IGNORE)
-        return out
+        return padded_inputs(batch, pad_id) | {"labels": pad_sequences(list(batch["labels"]), IGNORE)}
 
     # ---- model and metrics ---------------------------------------------------------------------
     def model_kwargs(self, labels: LabelSpace) -> dict[str, Any]:
-        return {"num_labels": len(labels.names),
-                "id2label": dict(enumerate(labels.names)),
-                "label2id": labels.label2id}
+        return label_head_kwargs(labels)
 
     @staticmethod
     def eval_outputs(batch: dict[str, np.ndarray], inputs: dict, outputs) -> list[dict]:
