@@ -1,0 +1,202 @@
+"""The Ray Serve application: one ``ModelServer`` deployment (named ``RayfineServer``) per model folder,
+with a FastAPI ingress built per replica by ``serving.router``.
+
+``build_app`` is the application builder that Serve config files name (``import_path:
+serving.app:build_app``); its ``args`` are ``{"model_dir": ..., "serve": {<serve: section>},
+"trust_remote_code": false}``. ``serving.deploy`` binds the same app with ``bind_app``.
+
+Batching (encoder tasks). ``@serve.batch`` groups requests; ``EncoderRunner`` splits each batch into
+length buckets. The model runs on the replica's user event loop on purpose: while a batch computes, new
+requests wait in Serve's queue instead of forming many one-item batches (``@serve.batch`` forms the next
+batch while the previous one runs), so the next batch takes everything that arrived meanwhile. Serve
+keeps health checks on its own loop. A request alone in the replica skips the batch queue (and its
+``batch_wait_timeout_s``): there is no company to wait for.
+
+API keys are read once, when the replica starts, from the env var named by ``serve.api_keys_env`` (Ray
+workers see the driver's environment only through ``runtime_env``; ``serving.deploy`` passes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from cluster.config import ServeConfig
+from cluster.errors import ConfigError
+from serving.model_folder import ModelSpec, load_model_spec
+
+logger = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "RayfineServer"  # the name k8s/rayservice.yaml configures
+# Placeholders: __init__ applies serve.max_batch_size and serve.batch_wait_timeout_s.
+_BATCH_DEFAULTS = dict(max_batch_size=16, batch_wait_timeout_s=0.005)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class ModelServer:
+    """Loads one model folder and answers its task's endpoints."""
+
+    def __init__(self, model_dir: str, serve: dict[str, Any], trust_remote_code: bool = False):
+        import torch
+
+        from serving.telemetry import Telemetry, access_logger
+
+        self.cfg = ServeConfig.model_validate(serve)
+        self.spec: ModelSpec = load_model_spec(model_dir)
+        threads = replica_threads(self.cfg)
+        torch.set_num_threads(threads)
+        device = "cuda" if self.cfg.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
+        self.model = build_task_model(self.spec, device, self.cfg.max_input_tokens,
+                                      trust_remote_code or self.cfg.trust_remote_code)
+        self.api_keys = read_api_keys(self.cfg.api_keys_env)
+        self.telemetry = Telemetry(self.spec.model_id)
+        self.access_log = access_logger()
+        self.in_flight = 0
+        self._generation = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self._predict_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        logger.info("serving %s (%s) on %s with %d torch threads; auth %s", self.spec.model_id,
+                    self.spec.task, device, threads, "on" if self.api_keys else "off")
+
+    def __serve_build_asgi_app__(self):
+        from serving.router import build_router
+
+        return build_router(self)
+
+    # ---- encoder tasks: dynamic batching --------------------------------------------------------------
+    async def predict(self, encoded: list) -> tuple[list, BatchInfo]:
+        """Results for one request's inputs, and the largest model batch they ran in."""
+        if self.in_flight == 1 and len(encoded) <= self.cfg.max_batch_size:
+            # Alone in the replica: nobody to batch with, so skip the batch queue and its wait.
+            outputs = self._run_batch(encoded)
+        elif len(encoded) == 1:
+            outputs = [await self._predict_batch(encoded[0])]
+        else:
+            outputs = await asyncio.gather(*(self._predict_batch(e) for e in encoded))
+        return [result for result, _ in outputs], max((info for _, info in outputs), key=lambda i: i.size)
+
+    @serve.batch(**_BATCH_DEFAULTS)
+    async def _predict_batch(self, batch: list) -> list[tuple[Any, BatchInfo]]:
+        return self._run_batch(batch)
+
+    def _run_batch(self, batch: list) -> list[tuple[Any, BatchInfo]]:
+        # Blocking on purpose (see the module docstring): torch releases the GIL, Serve's loop runs on.
+        start = time.perf_counter()
+        results = self.model.predict(batch)
+        info = BatchInfo(len(batch), (time.perf_counter() - start) * 1000)
+        self.telemetry.record_batch(ENDPOINT_OF_TASK[self.spec.task], len(batch))
+        return [(result, info) for result in results]
+
+    # ---- causal LM: one generation at a time, in a worker thread --------------------------------------
+    async def generate(self, prompt_ids: list[int], params, deadline: float) -> AsyncIterator[Any]:
+        """Text deltas then a ``Finished``, produced in the worker thread and handed to this loop."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                for event in self.model.generate(prompt_ids, params, deadline, cancelled):
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+            except BaseException as exc:  # handed to the request, which answers with the error shape
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        loop.run_in_executor(self._generation, work)
+        try:
+            while (event := await queue.get()) is not done:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            cancelled.set()  # client gone or error: stop generating
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    size: int  # inputs in the model batch (all length buckets together)
+    model_ms: float  # time in the model for the whole batch
+
+
+ENDPOINT_OF_TASK = {
+    "sequence_classification": "/v1/classify",
+    "token_classification": "/v1/ner",
+    "question_answering": "/v1/qa",
+    "causal_lm": "/v1/chat/completions",
+}
+
+
+def build_task_model(spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool):
+    if spec.task == "causal_lm":
+        from serving.generation import Generator
+
+        return Generator(spec, device, max_input_tokens, trust_remote_code)
+    from serving.encoders import ENCODER_TASKS
+
+    return ENCODER_TASKS[spec.task](spec, device, max_input_tokens, trust_remote_code)
+
+
+def replica_threads(cfg: ServeConfig) -> int:
+    """Torch threads per replica: ``serve.threads_per_replica``, else the cores each replica may use.
+
+    Ray does not set OMP_NUM_THREADS for replicas the way torchrun does; replicas sharing a node would
+    each start one thread per core and oversubscribe it.
+    """
+    if cfg.threads_per_replica:
+        return cfg.threads_per_replica
+    replicas = cfg.num_replicas or (cfg.autoscaling.max_replicas if cfg.autoscaling else 1)
+    return max(1, (os.cpu_count() or 1) // replicas)
+
+
+def read_api_keys(env_var: str) -> frozenset[str]:
+    raw = os.environ.get(env_var, "")
+    return frozenset(key.strip() for key in raw.split(",") if key.strip())
+
+
+def deployment_options(cfg: ServeConfig, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """``@serve.deployment`` options from the ``serve:`` section (the same keys a Serve config file uses)."""
+    if cfg.max_queued_requests == 0:
+        raise ConfigError("serve.max_queued_requests: Ray Serve takes -1 (unbounded) or at least 1; "
+                          "use 1 to reject nearly every request that finds all replicas busy")
+    options: dict[str, Any] = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+    }
+    if env_vars:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
+    if cfg.autoscaling is not None:
+        auto = cfg.autoscaling
+        options["autoscaling_config"] = {"min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
+                                         "target_ongoing_requests": auto.target_ongoing_requests}
+    else:
+        options["num_replicas"] = cfg.num_replicas or 1
+    return options
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder: ``args`` = ``{"model_dir", "serve": {...}, "trust_remote_code"}``.
+
+    Deployment options derive from ``serve``; a Serve config file's ``deployments:`` entries override them.
+    """
+    cfg = ServeConfig.model_validate(args.get("serve") or {})
+    return bind_app(args["model_dir"], cfg, bool(args.get("trust_remote_code", False)))
+
+
+def bind_app(model_dir: str | os.PathLike, cfg: ServeConfig, trust_remote_code: bool = False,
+             env_vars: dict[str, str] | None = None) -> serve.Application:
+    """The bound application; ``env_vars`` reach the replicas through their ``runtime_env``."""
+    load_model_spec(model_dir)  # fail here, with the folder named, rather than in every replica
+    return ModelServer.options(**deployment_options(cfg, env_vars)).bind(
+        str(model_dir), cfg.model_dump(mode="json"), trust_remote_code)

@@ -1,0 +1,132 @@
+"""OpenAI ``/v1/chat/completions`` and ``/v1/completions`` for causal LMs, streaming as server-sent events.
+
+A stream is ``data: {chunk}`` frames and a final ``data: [DONE]``. ``n`` choices are generated one after
+another (streamed in order, each with its ``index``); choice ``i`` samples with seed ``seed + i``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serving.errors import ServingError, error_body
+from serving.generation import Finished, SamplingParams
+from serving.protocol import (ChatCompletionRequest, CompletionRequest, Usage, chat_chunk, chat_response,
+                              completion_chunk, completion_response, new_id, usage_chunk)
+
+ENDPOINT_CHAT = "/v1/chat/completions"
+ENDPOINT_COMPLETIONS = "/v1/completions"
+
+
+def add_routes(app: FastAPI, server) -> None:
+    from serving.router import check_model
+
+    @app.post(ENDPOINT_CHAT)
+    async def chat(body: ChatCompletionRequest):
+        check_model(server, body.model)
+        deadline = time.monotonic() + server.cfg.request_timeout_s
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompts = [server.model.encode_chat(messages)]
+        return await _respond(server, body, prompts, deadline, chat=True)
+
+    @app.post(ENDPOINT_COMPLETIONS)
+    async def complete(body: CompletionRequest):
+        check_model(server, body.model)
+        deadline = time.monotonic() + server.cfg.request_timeout_s
+        prompts = [server.model.encode_prompt(p) for p in body.prompts()]
+        return await _respond(server, body, prompts, deadline, chat=False)
+
+
+def _params(server, body, prompt_len: int, choice: int) -> SamplingParams:
+    requested = body.requested_tokens()
+    limit = server.cfg.max_new_tokens
+    if requested is not None and requested > limit:
+        raise ServingError(400, f"max_tokens is {requested}; this server allows at most {limit} "
+                                "(serve.max_new_tokens).", param="max_tokens", code="max_tokens_too_large")
+    seed = body.seed + choice if body.seed is not None else None
+    return SamplingParams(max_tokens=server.model.budget(prompt_len, requested, limit),
+                          temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=seed)
+
+
+def _jobs(server, body, prompts: list[list[int]]) -> list[tuple[int, list[int], SamplingParams]]:
+    """(choice index, prompt ids, params) for every choice; validated before anything is generated."""
+    return [(p * body.n + i, ids, _params(server, body, len(ids), i))
+            for p, ids in enumerate(prompts) for i in range(body.n)]
+
+
+async def _respond(server, body, prompts: list[list[int]], deadline: float, chat: bool):
+    rid = new_id("chatcmpl" if chat else "cmpl")
+    jobs = _jobs(server, body, prompts)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _stream(server, rid, body.model, prompts, jobs, deadline, chat, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    choices, completion_tokens = [], 0
+    for index, ids, params in jobs:
+        parts, finished = [], None
+        async for event in server.generate(ids, params, deadline):
+            if isinstance(event, Finished):
+                finished = event
+            else:
+                parts.append(event)
+        if finished.reason == "timeout":
+            raise ServingError(408, f"Generation took longer than {server.cfg.request_timeout_s}s "
+                                    "(serve.request_timeout_s).", code="request_timeout")
+        completion_tokens += finished.completion_tokens
+        text = "".join(parts)
+        if not chat and body.echo:
+            text = body.prompts()[index // body.n] + text
+        choices.append({"index": index, "text": text, "finish_reason": finished.reason})
+    server.telemetry.record_tokens(ENDPOINT_CHAT if chat else ENDPOINT_COMPLETIONS, completion_tokens)
+    usage = _usage(prompts, completion_tokens)
+    build = chat_response if chat else completion_response
+    return JSONResponse(build(rid, body.model, choices, usage))
+
+
+def _usage(prompts: list[list[int]], completion_tokens: int) -> Usage:
+    prompt_tokens = sum(len(p) for p in prompts)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+async def _stream(server, rid: str, model: str, prompts: list[list[int]], jobs, deadline: float,
+                  chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    completion_tokens = 0
+    try:
+        for index, ids, params in jobs:
+            if chat:
+                yield _sse(chat_chunk(rid, model, index, {"role": "assistant", "content": ""}))
+            async for event in server.generate(ids, params, deadline):
+                if isinstance(event, Finished):
+                    completion_tokens += event.completion_tokens
+                    if event.reason == "timeout":
+                        yield _sse(error_body(f"Generation took longer than {server.cfg.request_timeout_s}s "
+                                              "(serve.request_timeout_s).", "timeout_error", None,
+                                              "request_timeout"))
+                        yield "data: [DONE]\n\n"
+                        return
+                    yield _sse(chat_chunk(rid, model, index, {}, event.reason) if chat
+                               else completion_chunk(rid, model, index, "", event.reason))
+                elif chat:
+                    yield _sse(chat_chunk(rid, model, index, {"content": event}))
+                else:
+                    yield _sse(completion_chunk(rid, model, index, event))
+        if include_usage:
+            usage = _usage(prompts, completion_tokens)
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            yield _sse(usage_chunk(rid, model, obj, usage))
+        yield "data: [DONE]\n\n"
+    except ServingError as exc:  # headers are sent: report in-band, the way OpenAI streams do
+        yield _sse(exc.body())
+        yield "data: [DONE]\n\n"
+    finally:
+        server.telemetry.record_tokens(ENDPOINT_CHAT if chat else ENDPOINT_COMPLETIONS, completion_tokens)
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

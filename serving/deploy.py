@@ -1,0 +1,246 @@
+"""``rayfine serve``: deploy a model folder on Ray Serve, or write the equivalent Serve config file.
+
+    rayfine serve runs/my_run/model [--set serve.port=8080] [--detach]
+    rayfine serve my_run.yaml                    # serves output.dir/output.name/model with its serve: section
+    rayfine serve my_run.yaml --config-out serve.yaml   # for `serve deploy` or a RayService serveConfigV2
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import ValidationError
+
+from cluster.config import ServeConfig, load_config, parse_overrides
+from cluster.errors import ConfigError, UserError
+from serving.app import DEPLOYMENT_NAME, bind_app, deployment_options
+from serving.model_folder import ENDPOINT_TASKS, load_model_spec
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "rayfine"
+IMPORT_PATH = "serving.app:build_app"
+# The proxy's own timeout is a backstop for a wedged replica; the app answers 408 at request_timeout_s.
+PROXY_TIMEOUT_GRACE_S = 2.0
+
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "serving.errors:proxy_middlewares"
+
+_deployed: list[str] = []  # apps this process deployed, for shutdown()
+
+
+def serve_command(target: str, overrides: list[str], address: str | None, detach: bool,
+                  config_out: str | None) -> int:
+    """The ``rayfine serve`` verb. Returns the exit code."""
+    model_dir, cfg, trust_remote_code = resolve_target(target, overrides)
+    if config_out:
+        write_serve_config(model_dir, cfg, config_out, trust_remote_code=trust_remote_code)
+        print(f"wrote {config_out}: run it with `serve deploy {config_out}` on a cluster where rayfine is "
+              "installed, or embed it in a RayService's serveConfigV2")
+        return 0
+    from cluster.ray_connect import connect
+
+    where = connect(address)
+    url = deploy(model_dir, cfg, trust_remote_code=trust_remote_code, address=address)
+    spec = load_model_spec(model_dir)
+    print(f"Serving {spec.model_id} ({spec.task}) on {where} at {url}")
+    for path in endpoints_for(spec.task):
+        print(f"  {url}{path}")
+    if os.environ.get(cfg.api_keys_env):
+        print(f"  auth: on (Authorization: Bearer KEY, keys from ${cfg.api_keys_env})")
+    if detach:
+        if not (address or os.environ.get("RAY_ADDRESS")):
+            print("note: --detach with a local Ray instance: serving stops when this command exits; "
+                  "start a cluster (`ray start --head`) and pass --address to keep it running")
+        return 0
+    print("Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown()
+    return 0
+
+
+def endpoints_for(task: str) -> list[str]:
+    return ["/healthz", "/v1/models"] + [path for path, needs in ENDPOINT_TASKS.items() if needs == task]
+
+
+def resolve_target(target: str, overrides: list[str]) -> tuple[Path, ServeConfig, bool]:
+    """A model folder (with ``serve.*`` overrides) or a run config (serving its run folder's model)."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        return path.resolve(), serve_config_from_overrides(overrides), False
+    if path.is_file():
+        cfg = load_config(path, overrides)
+        model_dir = cfg.run_dir / "model"
+        if not model_dir.is_dir():
+            raise UserError(f"{target}: no exported model at {model_dir}; run `rayfine train {target}` first, "
+                            "or pass the model folder itself")
+        return model_dir.resolve(), cfg.serve, cfg.model.trust_remote_code or cfg.serve.trust_remote_code
+    raise UserError(f"{target}: not found; pass a model folder (RUN/model) or a run config YAML")
+
+
+def serve_config_from_overrides(overrides: list[str]) -> ServeConfig:
+    """The default ``serve:`` section with ``--set serve.KEY=VALUE`` applied (the only keys that apply)."""
+    raw = parse_overrides(overrides)
+    other = sorted(key for key in raw if key != "serve")
+    if other:
+        raise ConfigError([f"--set {key}...: only serve.* keys apply when serving a model folder"
+                           for key in other])
+    try:
+        return ServeConfig.model_validate(raw.get("serve") or {})
+    except ValidationError as exc:
+        problems = [f"serve.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" +
+                    (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else
+                     f"; valid keys are {', '.join(ServeConfig.model_fields)}")
+                    for e in exc.errors()]
+        raise ConfigError(problems, header="Bad --set override:") from None
+
+
+def deploy(model_dir: Path, serve_cfg: ServeConfig, *, name: str = APP_NAME, trust_remote_code: bool = False,
+           address: Optional[str] = None, timeout_s: float = 300.0) -> str:
+    """Deploy (or update) the app serving ``model_dir``; wait until /healthz answers; return the base URL.
+
+    Starts Serve with ``serve_cfg``'s HTTP options unless it is already running (then its proxy's options
+    stay, and the URL uses its port). The env var named by ``serve.api_keys_env`` is passed to the replicas
+    through their ``runtime_env`` when it is set here (Ray's dashboard shows runtime envs: keep 8265
+    private, as for everything else); replicas also see it when it is set on the Ray nodes themselves.
+    """
+    from ray import serve
+
+    from cluster.ray_connect import connect
+
+    use_error_shape_in_proxy()
+    connect(address)
+    port = start_serve(serve_cfg)
+    keys = os.environ.get(serve_cfg.api_keys_env)
+    env_vars = {serve_cfg.api_keys_env: keys} if keys else None
+    app = bind_app(model_dir, serve_cfg, trust_remote_code, env_vars)
+    try:
+        serve.run(app, name=name, route_prefix=serve_cfg.route_prefix, blocking=False,
+                  logging_config={"enable_access_log": False})  # ours: one JSON line per request
+    except RuntimeError as exc:
+        raise UserError(f"{model_dir}: the model server failed to start:\n{_tail(str(exc))}") from None
+    if name not in _deployed:
+        _deployed.append(name)
+    url = f"http://{_public_host(serve_cfg.host, address)}:{port}{serve_cfg.route_prefix.rstrip('/')}"
+    wait_until_healthy(url, timeout_s)
+    return url
+
+
+def use_error_shape_in_proxy() -> None:
+    """Have Serve's proxy answer its own 503/408 in the JSON error shape (``serving.errors``).
+
+    Serve reads this env var when its proxy process starts, and Ray workers inherit the environment of the
+    process that starts Ray: so it takes effect when Ray starts after this call (``rayfine serve`` on a
+    local instance, the tests). Clusters started elsewhere set it in their containers' env.
+    """
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+
+
+def start_serve(cfg: ServeConfig) -> int:
+    """Start Serve's proxy with our HTTP options (no-op when running); return the port it listens on."""
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.host, "port": cfg.port,
+                              "request_timeout_s": cfg.request_timeout_s + PROXY_TIMEOUT_GRACE_S})
+    try:  # no public API tells the port of a Serve instance started elsewhere
+        return int(serve.context._get_global_client().http_config.port)
+    except Exception:  # noqa: BLE001 - fall back to what we asked for
+        return cfg.port
+
+
+def wait_until_healthy(url: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/healthz", timeout=5.0)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        time.sleep(0.25)
+    raise UserError(f"{url}/healthz did not answer within {timeout_s:.0f}s (last: {last})")
+
+
+def shutdown(name: Optional[str] = None) -> None:
+    """Remove the app ``name`` (default: every app this process deployed); stop Serve if none is left."""
+    from ray import serve
+
+    for app in [name] if name else list(_deployed):
+        serve.delete(app)
+        if app in _deployed:
+            _deployed.remove(app)
+    if not serve.status().applications:
+        serve.shutdown()
+
+
+def _public_host(host: str, address: Optional[str]) -> str:
+    """The host clients use: the cluster's when we joined one by address, else this machine's."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address not in ("auto", "local"):
+        parsed = urlparse(address if "://" in address else f"ray://{address}")
+        if parsed.hostname and parsed.hostname not in ("127.0.0.1", "localhost"):
+            return parsed.hostname
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# ---- the equivalent Serve config file --------------------------------------------------------------------
+
+_CONFIG_HEADER = """\
+# Ray Serve config for {model_id} ({task}), written by `rayfine serve ... --config-out`.
+# Deploy with `serve deploy {path}` (Ray cluster with rayfine installed), or copy `applications` and
+# `http_options` into a KubeRay RayService's spec.serveConfigV2.
+# - model_dir must exist on every Ray node (shared volume or baked into the image).
+# - API keys: set ${api_keys_env} (comma-separated) in the Ray containers' env, e.g. from a Kubernetes
+#   Secret; keys never go in this file.
+# - JSON error bodies for the proxy's own 503/408: set
+#   RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.errors:proxy_middlewares in the Ray containers' env.
+"""
+
+
+def build_serve_config(model_dir: Path, cfg: ServeConfig, *, name: str = APP_NAME,
+                       trust_remote_code: bool = False) -> dict[str, Any]:
+    """The ``serve deploy`` / ``serveConfigV2`` document for ``model_dir`` served with ``cfg``."""
+    options = deployment_options(cfg)
+    deployment = {"name": DEPLOYMENT_NAME, **options}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.host, "port": cfg.port,
+                         "request_timeout_s": cfg.request_timeout_s + PROXY_TIMEOUT_GRACE_S},
+        "applications": [{
+            "name": name,
+            "route_prefix": cfg.route_prefix,
+            "import_path": IMPORT_PATH,
+            "args": {"model_dir": str(model_dir), "serve": cfg.model_dump(mode="json"),
+                     "trust_remote_code": trust_remote_code},
+            "logging_config": {"enable_access_log": False},
+            "deployments": [deployment],
+        }],
+    }
+
+
+def write_serve_config(model_dir: Path, cfg: ServeConfig, path: str | Path, *, name: str = APP_NAME,
+                       trust_remote_code: bool = False) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = load_model_spec(model_dir)
+    document = build_serve_config(spec.path, cfg, name=name, trust_remote_code=trust_remote_code)
+    ServeDeploySchema.model_validate(document)  # what `serve deploy` will check, checked now
+    header = _CONFIG_HEADER.format(model_id=spec.model_id, task=spec.task, path=path,
+                                   api_keys_env=cfg.api_keys_env)
+    Path(path).write_text(header + yaml.safe_dump(document, sort_keys=False))

@@ -1,0 +1,129 @@
+"""One error shape for every failure a client can see: OpenAI's ``{"error": {message, type, param, code}}``.
+
+Errors raised inside the app are ``ServingError`` and become JSON responses in the router. A few errors are
+produced by Ray Serve's HTTP proxy before a request reaches the app (backpressure from
+``max_queued_requests``: 503; the proxy's ``request_timeout_s``: 408); the proxy writes those as plain
+text, so ``ErrorShapeMiddleware`` (installed in the proxy) rewrites them into the same JSON shape.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+# The OpenAI error ``type`` for each status we answer with.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "server_error",
+    504: "server_error",
+}
+
+
+class ServingError(Exception):
+    """A request that cannot be answered, with the HTTP status and the OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None,
+                 code: Optional[str] = None, type: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def __reduce__(self):  # keep the fields when Ray pickles the exception between processes
+        return (_rebuild, (self.status, self.message, self.param, self.code, self.type))
+
+
+def _rebuild(status, message, param, code, type_):
+    return ServingError(status, message, param=param, code=code, type=type_)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def model_not_found(requested: str, served: str) -> ServingError:
+    return ServingError(404, f"The model '{requested}' does not exist; this server serves '{served}'.",
+                        param="model", code="model_not_found")
+
+
+def input_too_long(n_tokens: int, limit: int, param: str = "input") -> ServingError:
+    return ServingError(413, f"The input is {n_tokens} tokens long; the limit is {limit} tokens "
+                             "(serve.max_input_tokens, or the model's max_seq_length).",
+                        param=param, code="input_too_long")
+
+
+# Error statuses Serve's proxy produces itself (no route, timeout, backpressure, a replica that died
+# mid-request), with the ``code`` we give them.
+_PROXY_CODES = {404: "not_found", 408: "request_timeout", 429: "too_many_requests", 500: "internal_error",
+                502: "bad_gateway", 503: "service_unavailable", 504: "gateway_timeout"}
+
+
+class ErrorShapeMiddleware:
+    """ASGI middleware for Serve's HTTP proxy: rewrite its plain-text errors (404, 408, 503, ...) as JSON.
+
+    Responses from the app are JSON already and pass through untouched (only the first message of each
+    response is inspected). Serve installs it from the env var ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=
+    serving.errors:proxy_middlewares`` (``http_options.middlewares`` was removed from Serve); see
+    ``serving.deploy.use_error_shape_in_proxy``. On KubeRay, set it in the Ray containers' env.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict[str, Any] = {}
+
+        async def send_shaped(message):
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                ctype = headers.get(b"content-type", b"")
+                if message["status"] in _PROXY_CODES and not ctype.startswith(b"application/json"):
+                    held["start"] = message
+                    held["body"] = b""
+                    return
+            elif "start" in held and message["type"] == "http.response.body":
+                held["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                return await _send_json(send, held["start"], held["body"])
+            await send(message)
+
+        await self.app(scope, receive, send_shaped)
+
+
+async def _send_json(send, start: dict, text: bytes) -> None:
+    status = start["status"]
+    message = text.decode("utf-8", "replace").strip() or "The service is unavailable; retry later."
+    code = _PROXY_CODES[status]
+    if "backpressure" in message:  # Serve's wording for a full max_queued_requests queue
+        code = "server_overloaded"
+        message = f"The server is at capacity; retry later. ({message})"
+    body = json.dumps(error_body(message, _TYPES[status], None, code)).encode()
+    kept = [(k, v) for k, v in start.get("headers") or [] if k not in (b"content-type", b"content-length")]
+    headers = kept + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def proxy_middlewares() -> list:
+    """Callback for ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` (clusters whose Serve we do not start)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ErrorShapeMiddleware)]

@@ -1,0 +1,245 @@
+"""The HTTP edge: FastAPI routes, auth, error shapes, access logs and metrics around the ``ModelServer``.
+
+Only the routes of the deployed model's task are registered; the other task endpoints answer 404 with
+the error shape and a message saying which task the deployment serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving import completions
+from serving.errors import ServingError, error_body, model_not_found
+from serving.model_folder import ENDPOINT_TASKS
+from serving.protocol import ModelCard, ModelList, QARequest, TextInputRequest
+from serving.telemetry import log_access
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/healthz"})  # answered without an API key (load balancer and k8s probes)
+
+
+def build_router(server) -> FastAPI:
+    """The FastAPI app of one replica; ``server`` is the ``ModelServer`` holding the model."""
+    app = FastAPI(title=f"rayfine: {server.spec.model_id}", docs_url=None, redoc_url=None)
+    app.state.task = server.spec.task
+    _add_error_handlers(app)
+    _add_common_routes(app, server)
+    task = server.spec.task
+    if task == "causal_lm":
+        completions.add_routes(app, server)
+    elif task == "sequence_classification":
+        _add_text_route(app, server, "/v1/classify")
+    elif task == "token_classification":
+        _add_text_route(app, server, "/v1/ner")
+    elif task == "question_answering":
+        _add_qa_route(app, server)
+    app.add_middleware(RequestMiddleware, server=server)
+    return app
+
+
+def check_model(server, requested: str | None) -> None:
+    if requested is not None and requested != server.spec.model_id:
+        raise model_not_found(requested, server.spec.model_id)
+
+
+async def within_timeout(server, awaitable):
+    try:
+        if hasattr(asyncio, "timeout"):  # Python 3.11+: no extra task per request, unlike wait_for
+            async with asyncio.timeout(server.cfg.request_timeout_s):
+                return await awaitable
+        return await asyncio.wait_for(awaitable, server.cfg.request_timeout_s)
+    except asyncio.TimeoutError:
+        raise ServingError(408, f"The request took longer than {server.cfg.request_timeout_s}s "
+                                "(serve.request_timeout_s).", code="request_timeout") from None
+
+
+def _add_common_routes(app: FastAPI, server) -> None:
+    created = int(time.time())
+    card = ModelCard(id=server.spec.model_id, created=created)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": server.spec.model_id, "task": server.spec.task}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return ModelList(data=[card]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        check_model(server, model_id)
+        return card.model_dump()
+
+
+def _add_text_route(app: FastAPI, server, path: str) -> None:
+    @app.post(path)
+    async def predict(body: TextInputRequest) -> JSONResponse:
+        check_model(server, body.model)
+        encoded = [server.model.encode(text) for text in body.texts()]
+        return _data_response(server, *await within_timeout(server, server.predict(encoded)))
+
+
+def _add_qa_route(app: FastAPI, server) -> None:
+    @app.post("/v1/qa")
+    async def answer(body: QARequest) -> JSONResponse:
+        check_model(server, body.model)
+        try:
+            items = body.items()
+        except ValueError as exc:
+            raise ServingError(422, str(exc), param="question", code="invalid_value") from None
+        encoded = [server.model.encode(item.question, item.context) for item in items]
+        return _data_response(server, *await within_timeout(server, server.predict(encoded)))
+
+
+def _data_response(server, results: list, batch) -> JSONResponse:
+    # X-Batch-Size: the largest model batch this request's inputs ran in; Server-Timing: that batch's time in
+    # the model (observability: the access log records both).
+    return JSONResponse({"object": "list", "model": server.spec.model_id, "data": results},
+                        headers={"X-Batch-Size": str(batch.size),
+                                 "Server-Timing": f"model;dur={batch.model_ms:.2f}"})
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+def error_response(request: Request, status: int, body: dict[str, Any]) -> JSONResponse:
+    request.scope["rayfine.error_code"] = body["error"].get("code")
+    return JSONResponse(body, status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, exc: ServingError):
+        return error_response(request, exc.status, exc.body())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        status, body = validation_error(exc.errors())
+        return error_response(request, status, body)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        path = _app_path(request.scope)
+        if exc.status_code == 404 and path in ENDPOINT_TASKS:
+            server_task = request.app.state.task
+            message = (f"{path} needs a {ENDPOINT_TASKS[path]} model; this deployment serves a "
+                       f"{server_task} model.")
+            return error_response(request, 404, error_body(message, code="unsupported_endpoint"))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(request, exc.status_code, error_body(str(exc.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(request, 500, error_body(
+            f"Internal error ({type(exc).__name__}); see the replica log.", type="server_error",
+            code="internal_error"))
+
+
+def validation_error(errors: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """400 for a body that is not JSON (or missing), 422 naming the fields for JSON of the wrong shape."""
+    for e in errors:
+        if e["type"] == "json_invalid" or (tuple(e["loc"]) == ("body",) and isinstance(e.get("input"),
+                                                                                      (bytes, str))):
+            return 400, error_body("The request body is not valid JSON.", code="invalid_json")
+        if e["type"] == "missing" and tuple(e["loc"]) == ("body",):
+            return 400, error_body("The request needs a JSON body.", code="missing_body")
+    by_param: dict[str, list[str]] = {}
+    for e in errors:
+        param = _param(e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
+        if message not in by_param.setdefault(param, []):
+            by_param[param].append(message)
+    message = "; ".join(f"{param}: {' or '.join(msgs)}" for param, msgs in by_param.items())
+    return 422, error_body(message, param=next(iter(by_param)), code="invalid_value")
+
+
+def _param(loc) -> str:
+    """``("body", "input", "list[str]", 0)`` -> ``input.0``: field names and indexes, not union members."""
+    parts = [str(p) for p in loc[1:] if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS)]
+    return ".".join(parts) or "body"
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "function-after"})
+
+
+def _app_path(scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+# ---- auth, access log, metrics -----------------------------------------------------------------------------
+
+class RequestMiddleware:
+    """Pure ASGI (no response buffering, streams pass through): auth, in-flight count, log and metrics."""
+
+    def __init__(self, app, server):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        server, start = self.server, time.perf_counter()
+        path = _app_path(scope)
+        headers = dict(scope.get("headers") or [])
+        seen: dict[str, Any] = {"status": 500}
+
+        async def send_and_watch(message):
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                response_headers = dict(message.get("headers") or [])
+                seen["batch"] = response_headers.get(b"x-batch-size")
+                seen["timing"] = response_headers.get(b"server-timing")
+            await send(message)
+
+        server.in_flight += 1
+        server.telemetry.set_in_flight(server.in_flight)
+        try:
+            if server.api_keys and path not in OPEN_PATHS and not _authorized(headers, server.api_keys):
+                scope["rayfine.error_code"] = "invalid_api_key"
+                await _send_401(send_and_watch)
+            else:
+                await self.app(scope, receive, send_and_watch)
+        finally:
+            server.in_flight -= 1
+            server.telemetry.set_in_flight(server.in_flight)
+            latency_ms = (time.perf_counter() - start) * 1000
+            code = scope.get("rayfine.error_code")
+            server.telemetry.record_request(path, seen["status"], latency_ms, code)
+            log_access(server.access_log, request_id=headers.get(b"x-request-id", b"").decode() or None,
+                       method=scope["method"], path=path, status=seen["status"],
+                       latency_ms=round(latency_ms, 2), model=server.spec.model_id,
+                       batch_size=int(seen["batch"]) if seen.get("batch") else None,
+                       model_ms=_model_ms(seen.get("timing")), error=code)
+
+
+def _model_ms(server_timing: bytes | None) -> float | None:
+    if not server_timing or b"dur=" not in server_timing:
+        return None
+    return float(server_timing.split(b"dur=")[1].split(b",")[0])
+
+
+def _authorized(headers: dict[bytes, bytes], keys: frozenset[str]) -> bool:
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    # compare_digest: no timing hints about how much of a key matched.
+    return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip(), key) for key in keys)
+
+
+async def _send_401(send) -> None:
+    body = json.dumps(error_body("Missing or invalid API key: send 'Authorization: Bearer KEY'.",
+                                 type="authentication_error", code="invalid_api_key")).encode()
+    await send({"type": "http.response.start", "status": 401,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"www-authenticate", b"Bearer")]})
+    await send({"type": "http.response.body", "body": body})

