@@ -190,3 +190,15 @@ def test_json_lines_in_a_json_file_stay_json_lines(tmp_path):
     path.write_text(json.dumps(good) + "\n" + '{"question": "broken, "context": "x"}\n')
     rows = rows_of(path, "json")
     assert rows[0]["_error"] == "" and rows[1]["_line"] == 2 and rows[1]["_error"].startswith("malformed JSON")
+
+
+def test_parquet_answers_struct(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"question": ["Where?", "Who?"], "context": [CONTEXT, CONTEXT],
+                             "answers": [answer("Paris"), {"text": [], "answer_start": []}]}), path)
+    rows = rows_of(path, "parquet")
+    assert [(r["_error"], r["answer_texts"], r["answer_starts"]) for r in rows] == [
+        ("", ["Paris"], [23]), ("", [], [])]
