@@ -1,0 +1,136 @@
+"""Hyperparameter search: Tune trials that are full rayfine Train runs (1 worker each, DeepSpeed ZeRO-2, CPU).
+
+The tiny BERT only starts to separate the classes after ~20 steps at 5e-3, so "bad" trials here are ones whose
+learning rate is far too high: their validation loss is clearly worse from the first evaluation on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.integration.helpers import classification_config, read_metrics
+from training.tune import tune_command
+
+pytestmark = pytest.mark.integration
+STEPS = 2 * (128 // 8)  # 2 epochs of 128 records, batch 8, one worker per trial
+
+
+def search_config(tmp_path, model, learning_rates, n_train=128, **tune):
+    return classification_config(
+        tmp_path, model, n_train=n_train, n_val=32,
+        training={"epochs": 2, "eval_every_steps": 4, "log_every_steps": 4, "checkpoint_every_steps": 8},
+        scaling={"num_workers": 1, "threads_per_worker": 1},
+        tune={"num_samples": 1, "metric": "eval_loss", "mode": "min",
+              "search_space": {"training.learning_rate": {"grid": learning_rates}}, **tune})
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def wait_for_free_cpus(ray, want: float, timeout: float = 30.0) -> float:
+    deadline = time.time() + timeout
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < want:
+        time.sleep(0.5)
+    return ray.available_resources().get("CPU", 0)
+
+
+def test_asha_search_stops_weak_trials_and_exports_the_best(tmp_path, tiny_bert, ray_local):
+    # Trials 0 and 1 run together; 2 starts once rung 1 holds their losses, so the far-too-high rate in it
+    # is stopped at its first evaluation (1 may be too, if its report reaches the rung after 0's).
+    cfg = search_config(tmp_path, tiny_bert, [5e-3, 1e-1, 2e-1, 1e-2], scheduler="asha", max_concurrent_trials=2)
+    result = tune_command(cfg)
+    tune_dir = result.tune_dir
+
+    rows = read_csv(tune_dir / "tune_results.csv")
+    assert len(rows) == 4 and {r["trial_id"] for r in rows} == {t.trial_id for t in result.trials}
+    assert {r["status"] for r in rows} <= {"finished", "stopped early"}
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped, f"ASHA stopped no trial: {rows}"
+    for row in stopped:
+        assert int(row["steps"]) < STEPS
+        assert not any(m.get("final") for m in read_metrics(tune_dir / f"trial_{row['trial_id']}"))
+    assert sum(int(r["steps"]) for r in rows) < 4 * STEPS
+
+    # The best is the finished trial with the lowest final eval loss, and its model is the exported one.
+    finished = [r for r in rows if r["status"] == "finished"]
+    best = min(finished, key=lambda r: float(r["final_eval_loss"]))
+    assert rows[0] == best and result.best.trial_id == best["trial_id"] and rows[0]["rank"] == "1"
+    evaluation = json.loads((tune_dir / "eval.json").read_text())["validation"]
+    assert evaluation["loss"] == pytest.approx(float(best["final_eval_loss"]), rel=1e-6)
+    assert (tune_dir / "plots" / "tune_eval_loss.png").is_file()
+
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    assert result.model_dir == tune_dir / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(result.model_dir)
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    clf = pipeline("text-classification", model=str(result.model_dir), tokenizer=str(result.model_dir))
+    assert clf("the movie was great")[0]["label"] in ("neg", "pos")
+    card = (result.model_dir / "README.md").read_text()
+    assert str(float(best["training.learning_rate"])) in card or best["training.learning_rate"] in card
+
+    # Stopped trials' Train runs give their workers' CPUs back (no leaked placement groups), and leave no
+    # PlacementGroupCleaner actor behind.
+    assert wait_for_free_cpus(ray_local, 4) == 4
+    from ray._private.state import state
+
+    alive = [a for a in state.actor_table(None).values() if a["State"] == "ALIVE"]
+    assert not [a for a in alive if a["ActorClassName"] in ("TrainController", "PlacementGroupCleaner")]
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_bert, ray_local):
+    cfg = search_config(tmp_path, tiny_bert, [5e-3, 1e-2], scheduler="fifo", max_concurrent_trials=1)
+    tune_dir = cfg.run_dir.resolve()
+    progress = {}
+
+    def interrupt_when_second_trial_is_checkpointed():
+        # Ctrl+C once trial 1 finished and trial 2 passed its step-8 checkpoint.
+        while True:
+            runs = {p.name: read_metrics(p) for p in tune_dir.glob("trial_*") if (p / "metrics.jsonl").exists()}
+            done = [n for n, m in runs.items() if any(r.get("final") for r in m)]
+            going = [n for n, m in runs.items() if n not in done and any(r["step"] >= 12 for r in m)]
+            if done and going:
+                progress.update(done=done[0], going=going[0])
+                os.kill(os.getpid(), signal.SIGINT)  # Tune's handler: stop, save the experiment state
+                return
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=interrupt_when_second_trial_is_checkpointed, daemon=True)
+    watcher.start()
+    with pytest.raises(KeyboardInterrupt):
+        tune_command(cfg)
+    watcher.join(timeout=5)
+    assert progress, "the search ended before the watcher interrupted it"
+    assert not (tune_dir / "model").exists() and not (tune_dir / "tune_results.csv").exists()
+    first_run = (tune_dir / progress["done"] / "metrics.jsonl").read_text()
+
+    result = tune_command(search_config(tmp_path, tiny_bert, [5e-3, 1e-2], scheduler="fifo",
+                                        max_concurrent_trials=1))
+    assert result.tune_dir == tune_dir
+    assert (tune_dir / progress["done"] / "metrics.jsonl").read_text() == first_run, "finished trial re-ran"
+    rows = read_csv(tune_dir / "tune_results.csv")
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
+    # The interrupted trial continued from its Train checkpoint (step 8), not from the start.
+    steps = [m["step"] for m in read_metrics(tune_dir / progress["going"]) if "loss" in m]
+    assert steps.count(4) == 1 and steps[-1] == STEPS
+    assert (result.model_dir / "model.safetensors").is_file()
+
+
+def test_diverging_trial_fails_and_the_search_completes(tmp_path, tiny_bert, ray_local):
+    cfg = search_config(tmp_path, tiny_bert, [5e-3, 1e3], n_train=64, scheduler="fifo", max_concurrent_trials=2)
+    result = tune_command(cfg)
+    rows = {float(r["training.learning_rate"]): r for r in read_csv(result.tune_dir / "tune_results.csv")}
+    assert rows[1e3]["status"] == "failed"
+    assert "diverged" in rows[1e3]["error"] and "training.learning_rate" in rows[1e3]["error"]
+    assert rows[5e-3]["status"] == "finished"
+    assert result.best.params["training.learning_rate"] == 5e-3
+    assert (result.model_dir / "model.safetensors").is_file()
