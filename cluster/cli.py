@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("tune", help="hyperparameter search (tune: section); exports the best trial's model")
+    _add_common(p)
+    p.set_defaults(func=cmd_tune)
+
     p = sub.add_parser("evaluate", help="metrics of an exported model on labelled data")
     _add_common(p)
     p.add_argument("--model", required=True, help="exported model folder (RUN/model)")
@@ -76,6 +80,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train(cfg, address=args.address)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    from training.tune import tune_command
+
+    tune_command(load_config(args.config, args.overrides), address=args.address)
     return 0
 
 
