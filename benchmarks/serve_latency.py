@@ -101,7 +101,13 @@ def main() -> int:
                              "(use 3 on a machine shared with other work)")
     parser.add_argument("--replica-threads", type=int, default=None,
                         help="serve.threads_per_replica (default: cores / replicas)")
+    parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="env var for Ray Serve, set before Ray starts, e.g. "
+                             "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)")
     args = parser.parse_args()
+    for pair in args.serve_env:
+        key, _, value = pair.partition("=")
+        os.environ[key] = value
 
     from cluster.config import ServeConfig
     from serving.deploy import deploy
@@ -131,7 +137,8 @@ def main() -> int:
     rows = [(label, c, {k: statistics.median(r[k] for r in runs) for k in runs[0]})
             for (label, c), runs in results.items()]
     print(f"\n{args.requests} requests per configuration, {args.rounds} round(s); 1-minute load average "
-          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)")
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)"
+          + (f"; Serve env {' '.join(args.serve_env)}" if args.serve_env else ""))
     _print(sorted(rows, key=lambda row: (row[1], row[0] != DIRECT, row[0])))
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -46,6 +47,7 @@ def serve_command(target: str, overrides: list[str], address: str | None, detach
         return 0
     from cluster.ray_connect import connect
 
+    use_error_shape_in_proxy()  # before Ray starts, if this call starts it
     where = connect(address)
     url = deploy(model_dir, cfg, trust_remote_code=trust_remote_code, address=address)
     spec = load_model_spec(model_dir)
@@ -60,12 +62,18 @@ def serve_command(target: str, overrides: list[str], address: str | None, detach
                   "start a cluster (`ray start --head`) and pass --address to keep it running")
         return 0
     print("Ctrl-C to stop")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `docker stop`, `kill`: stop as cleanly as Ctrl-C
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("stopping")
         shutdown()
     return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def endpoints_for(task: str) -> list[str]:
@@ -177,11 +185,12 @@ def shutdown(name: Optional[str] = None) -> None:
     """Remove the app ``name`` (default: every app this process deployed); stop Serve if none is left."""
     from ray import serve
 
-    for app in [name] if name else list(_deployed):
+    names = [name] if name else list(_deployed)
+    for app in names:
         serve.delete(app)
         if app in _deployed:
             _deployed.remove(app)
-    if not serve.status().applications:
+    if names and not serve.status().applications:
         serve.shutdown()
 
 

@@ -68,7 +68,8 @@ class EncoderRunner:
         if not self.tokenizer.is_fast:
             raise ServingError(500, f"{spec.path}: serving needs a fast tokenizer (tokenizer.json)")
         self.model = auto_class.from_pretrained(spec.path, use_safetensors=True,
-                                                trust_remote_code=trust_remote_code).to(device).eval()
+                                                trust_remote_code=trust_remote_code, **spec.load_kwargs())
+        self.model = self.model.to(device).eval()
         self.device = device
         self.pad_id = self.tokenizer.pad_token_id or 0
 

@@ -1,7 +1,9 @@
 """Reading an exported model folder: which task it does, its served id, its labels and limits.
 
 The folder is the contract with training (``training`` and ``serving`` never import each other): a Hugging
-Face folder with ``config.json``, ``model.safetensors``, tokenizer files and ``rayfine.json``::
+Face folder with ``config.json``, ``model.safetensors``, tokenizer files and ``rayfine.json``, or a LoRA
+adapter folder (``adapter_config.json``, ``adapter_model.safetensors``; transformers loads the base model it
+names through peft)::
 
     {"task": "sequence_classification", "base_model": "...", "max_seq_length": 128,
      "labels": ["neg", "pos"], "rayfine_version": "0.1.0", "model_id": "ft:BASE:SUFFIX:JOBID"}
@@ -31,12 +33,13 @@ ENDPOINT_TASKS = {
 }
 
 # The chat template used when a causal LM folder brings none (tokenizer_config.json's "chat_template" or
-# chat_template.jinja). Training formats chat data with the same string, defined in its own module
-# (training and serving never import each other): keep the two identical. Each message becomes a role
-# header line then its content; the generation prompt is the assistant header.
+# chat_template.jinja; rayfine's own exports always carry one). It is the same string as
+# training.tasks.causal_lm.DEFAULT_CHAT_TEMPLATE (training and serving never import each other): keep the
+# two identical. Each message is a role header line, its content and the EOS token; the generation prompt
+# is the assistant header, so a fine-tuned model ends its answer with EOS.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
@@ -46,7 +49,7 @@ def default_chat_template() -> str:
     """The Jinja chat template for causal LM folders without one (see ``DEFAULT_CHAT_TEMPLATE``).
 
     Example: ``[{"role": "user", "content": "Hi"}]`` with a generation prompt renders as
-    ``"<|user|>\\nHi\\n<|assistant|>\\n"``.
+    ``"<|user|>\\nHi</s>\\n<|assistant|>\\n"`` for a tokenizer whose EOS token is ``</s>``.
     """
     return DEFAULT_CHAT_TEMPLATE
 
@@ -69,7 +72,14 @@ class ModelSpec:
     model_id: str
     labels: list[str] = field(default_factory=list)
     max_seq_length: Optional[int] = None
-    trust_remote_code: bool = False
+    adapter: bool = False  # a LoRA adapter folder rather than full weights
+
+    def load_kwargs(self) -> dict:
+        """Extra ``from_pretrained`` arguments: an adapter folder has no config.json to carry the labels."""
+        if not (self.adapter and self.labels and self.task != "question_answering"):
+            return {}
+        return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
+                "label2id": {label: i for i, label in enumerate(self.labels)}}
 
 
 def load_model_spec(model_dir: str | Path) -> ModelSpec:
@@ -78,26 +88,34 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     if not path.is_dir():
         raise UserError(f"{model_dir}: model folder not found; pass RUN/model or a run config")
     config = _read_json(path / "config.json")
-    if config is None:
+    adapter = _read_json(path / "adapter_config.json") if config is None else None
+    if config is None and adapter is None:
         raise UserError(f"{path}: no config.json; this is not a Hugging Face model folder "
                         "(expected the model/ folder that `rayfine train` exports)")
     meta = _read_json(path / "rayfine.json") or {}
-    task = meta.get("task") or infer_task(config.get("architectures") or [])
+    inferred = infer_task(config.get("architectures") or []) if config else _PEFT_TASKS.get(adapter.get("task_type"))
+    task = meta.get("task") or inferred
     if task not in TASKS:
-        found = meta.get("task") or config.get("architectures")
+        found = meta.get("task") or (config or {}).get("architectures") or (adapter or {}).get("task_type")
         raise UserError(f"{path}: cannot tell the model's task (found {found!r}); add rayfine.json with "
                         f"\"task\": one of {', '.join(TASKS)}")
-    if not any((path / name).exists() for name in ("model.safetensors", "model.safetensors.index.json")):
-        raise UserError(f"{path}: no model.safetensors; rayfine serves safetensors weights only "
+    weights = ("adapter_model.safetensors",) if adapter else ("model.safetensors", "model.safetensors.index.json")
+    if not any((path / name).exists() for name in weights):
+        raise UserError(f"{path}: no {weights[0]}; rayfine serves safetensors weights only "
                         "(re-export the model, or convert it with save_pretrained(safe_serialization=True))")
-    labels = list(meta.get("labels") or _labels_from_config(config))
+    labels = list(meta.get("labels") or _labels_from_config(config or {}))
     return ModelSpec(
         path=path,
         task=task,
         model_id=str(meta.get("model_id") or path.name),
         labels=[str(label) for label in labels],
         max_seq_length=meta.get("max_seq_length"),
+        adapter=adapter is not None,
     )
+
+
+_PEFT_TASKS = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification",
+               "QUESTION_ANS": "question_answering", "CAUSAL_LM": "causal_lm"}
 
 
 def infer_task(architectures: list[str]) -> Optional[str]:

@@ -193,6 +193,11 @@ class RequestMiddleware:
         server, start = self.server, time.perf_counter()
         path = _app_path(scope)
         headers = dict(scope.get("headers") or [])
+        if scope["method"] == "POST" and not headers.get(b"content-type", b"").startswith(b"application/json"):
+            # Every POST body here is JSON; read it as JSON whatever the client declared (`curl -d` says
+            # form-urlencoded), so a valid body is accepted and a malformed one is a clear 400.
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
+                (b"content-type", b"application/json")]
         seen: dict[str, Any] = {"status": 500}
 
         async def send_and_watch(message):

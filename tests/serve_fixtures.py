@@ -76,7 +76,19 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     lm = GPT2LMHeadModel(lm_config)
     folders["causal_lm"] = _save(lm, tok, root / "tiny-lm", "causal_lm", None,
                                  model_id="ft:tiny-gpt2:test:job-1")
+    folders["causal_lm_lora"] = build_lora_adapter(folders["causal_lm"], root / "tiny-lm-lora")
     return folders
+
+
+def build_lora_adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter folder over ``base`` (what training exports when model.lora.merge is off)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM",
+                                      fan_in_fan_out=True))
+    return _save(model, AutoTokenizer.from_pretrained(base), out, "causal_lm", None)
 
 
 def build_minilm_classifier(out: Path) -> Path:

@@ -37,7 +37,7 @@ def urls(models):
     try:
         out = {}
         for name, task in [("cls", "sequence_classification"), ("ner", "token_classification"),
-                           ("qa", "question_answering"), ("lm", "causal_lm")]:
+                           ("qa", "question_answering"), ("lm", "causal_lm"), ("lora", "causal_lm_lora")]:
             out[name] = deploy(models[task], ServeConfig(route_prefix=f"/{name}", **common), name=name)
         os.environ[KEYS_ENV] = f"other-key, {KEY}"  # read by deploy, handed to the replicas' runtime_env
         try:
@@ -141,6 +141,14 @@ def test_chat_completion_shape_usage_and_seed(urls, client):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     again = chat(urls, client, max_tokens=6, temperature=0.8, seed=7, n=2).json()
     assert [c["message"] for c in again["choices"]] == [c["message"] for c in body["choices"]]
+
+
+def test_lora_adapter_folder_is_served(urls, client):
+    assert client.get(f"{urls['lora']}/v1/models").json()["data"][0]["id"] == "tiny-lm-lora"
+    response = client.post(f"{urls['lora']}/v1/chat/completions",
+                           json={"model": "tiny-lm-lora", "messages": [{"role": "user", "content": "Hi"}],
+                                 "max_tokens": 3})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 3
 
 
 def test_stop_sequence_cuts_the_text(urls, client):
@@ -299,3 +307,31 @@ def test_access_log_has_one_json_line_per_request(urls, client):
     record = json.loads(lines[0][lines[0].index("{"):])
     assert record["request_id"] == request_id and record["status"] == 200 and record["path"] == "/v1/classify"
     assert record["method"] == "POST" and record["latency_ms"] > 0 and record["batch_size"] >= 1
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------------
+
+def test_prometheus_metrics_are_exported(urls, client):
+    import re
+    import time
+
+    import ray
+
+    for _ in range(3):
+        client.post(f"{urls['cls']}/v1/classify", json={"input": "count me"})
+    client.post(f"{urls['cls']}/v1/classify", json={"input": ""})
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = {
+        "requests": re.compile(r'^ray_rayfine_serve_requests_total\{[^}]*endpoint="/v1/classify"[^}]*model="tiny-cls"'
+                               r'[^}]*status="200"', re.M),
+        "errors": re.compile(r'^ray_rayfine_serve_errors_total\{[^}]*code="invalid_value"[^}]*status="422"', re.M),
+        "latency": re.compile(r'^ray_rayfine_serve_request_latency_ms_bucket\{[^}]*endpoint="/v1/classify"', re.M),
+        "batch": re.compile(r'^ray_rayfine_serve_batch_size_count\{[^}]*endpoint="/v1/classify"', re.M),
+        "in_flight": re.compile(r'^ray_rayfine_serve_requests_in_flight\{', re.M),
+    }
+    deadline, missing = time.monotonic() + 60, set(wanted)
+    while missing and time.monotonic() < deadline:  # Ray exports application metrics every few seconds
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = {name for name, pattern in wanted.items() if not pattern.search(text)}
+        time.sleep(1)
+    assert not missing, f"metrics not exported: {missing}"
