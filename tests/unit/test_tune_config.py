@@ -234,3 +234,28 @@ def test_reports_reach_tune_only_at_evaluations_numbered_across_a_resume(tmp_pat
     cb.after_report(None, [{"step": 16, "eval_loss": 0.3, "final": True}], None)
     assert [(m["step"], m["evaluation"]) for m in sent] == [(12, 3), (12, 3), (16, 4)]
     assert "eval_report" not in sent[0]
+
+
+def test_tune_config_wires_scheduler_searcher_and_concurrency():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from training.tune import EVALUATION, build_param_space, build_tune_config
+
+    space = "training.learning_rate: {loguniform: [1.0e-5, 1.0e-3]}\ntraining.batch_size: {choice: [8, 16]}"
+    asha = build_tune_config(load_config(raw=with_space(space, grace_period=2, reduction_factor=3)), 2)
+    assert isinstance(asha.scheduler, ASHAScheduler) and asha.scheduler._time_attr == EVALUATION
+    assert asha.scheduler._reduction_factor == 3
+    assert [milestone for milestone, _ in asha.scheduler._brackets[0]._rungs][-3:] == [18, 6, 2]  # grace 2, x3
+    # The random/grid generator limits concurrency itself; Tune would ignore max_concurrent_trials for it.
+    assert isinstance(asha.search_alg, BasicVariantGenerator) and asha.search_alg.max_concurrent == 2
+    assert asha.max_concurrent_trials is None
+
+    optuna = build_tune_config(load_config(raw=with_space(space, scheduler="fifo", search_alg="optuna")), 3)
+    assert isinstance(optuna.scheduler, FIFOScheduler) and isinstance(optuna.search_alg, OptunaSearch)
+    assert optuna.max_concurrent_trials == 3  # Tune wraps a Searcher in a ConcurrencyLimiter
+    searcher = optuna.search_alg
+    assert searcher.set_search_properties("eval_loss", "min", build_param_space(yaml.safe_load(space)))
+    sample = searcher.suggest("t0")
+    assert 1e-5 <= sample["training.learning_rate"] <= 1e-3 and sample["training.batch_size"] in (8, 16)
