@@ -81,9 +81,12 @@ def endpoints_for(task: str) -> list[str]:
 
 
 def resolve_target(target: str, overrides: list[str]) -> tuple[Path, ServeConfig, bool]:
-    """A model folder (with ``serve.*`` overrides) or a run config (serving its run folder's model)."""
+    """A model folder (with ``serve.*`` overrides), a run or tune folder (its ``model/``: for a tune folder the
+    best trial's), or a run config (serving its run folder's model)."""
     path = Path(target).expanduser()
     if path.is_dir():
+        if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+            path = path / "model"
         return path.resolve(), serve_config_from_overrides(overrides), False
     if path.is_file():
         cfg = load_config(path, overrides)
