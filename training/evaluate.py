@@ -117,7 +117,7 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, data: str | None = None) -> 
     if not results:
         raise UserError("the evaluation data has no records")
     metrics = adapter.compute_metrics(results, labels)
-    metrics["loss"] = float(np.concatenate(losses).mean())
+    metrics.setdefault("loss", float(np.concatenate(losses).mean()))
     return metrics
 
 

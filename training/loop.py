@@ -316,7 +316,8 @@ class Worker:
         gathered = [None] * self.world
         dist.all_gather_object(gathered, (results, loss_sum, count))
         metrics = self.adapter.compute_metrics([r for part in gathered for r in part[0]], self.labels)
-        metrics["loss"] = sum(p[1] for p in gathered) / max(sum(p[2] for p in gathered), 1)
+        # a task that weighs its loss itself (causal LM: per token) keeps it; else the per-example mean
+        metrics.setdefault("loss", sum(p[1] for p in gathered) / max(sum(p[2] for p in gathered), 1))
         return metrics
 
     def eval_report(self) -> dict:
