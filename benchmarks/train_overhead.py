@@ -7,7 +7,7 @@ the same short-review data with the same global batch. Steady-state samples/s ex
 start, model load, first batches), which is reported separately for rayfine:
 
 - plain PyTorch: `--workers` processes, DDP over gloo, AdamW, batches grouped by length like rayfine's;
-- HF Trainer: one process using all cores, `group_by_length=True`, global batch = workers x batch;
+- HF Trainer: one process using all cores, dynamic padding, global batch = workers x batch;
 - rayfine: Ray Data streaming + Ray Train workers + DeepSpeed ZeRO-`--stage`, as `rayfine train` runs it.
 """
 
@@ -142,7 +142,7 @@ def bench_hf_trainer(args, data_path: Path, tmp: Path) -> float:
     batch = args.batch_size * args.workers
     targs = TrainingArguments(output_dir=str(tmp / "hf"), per_device_train_batch_size=batch, num_train_epochs=1,
                               learning_rate=5e-5, save_strategy="no", eval_strategy="no", report_to=[],
-                              logging_strategy="no", group_by_length=True, use_cpu=True,
+                              logging_strategy="no", use_cpu=True,
                               dataloader_num_workers=0, disable_tqdm=True)
     Trainer(model=model, args=targs, train_dataset=ds, data_collator=DataCollatorWithPadding(tok),
             callbacks=[Timer()]).train()
