@@ -138,7 +138,10 @@ def deploy(model_dir: Path, serve_cfg: ServeConfig, *, name: str = APP_NAME, tru
         serve.run(app, name=name, route_prefix=serve_cfg.route_prefix, blocking=False,
                   logging_config={"enable_access_log": False})  # ours: one JSON line per request
     except RuntimeError as exc:
-        raise UserError(f"{model_dir}: the model server failed to start:\n{_tail(str(exc))}") from None
+        reason = _deployment_error(name) or _tail(str(exc))
+        serve.delete(name)
+        raise UserError(f"{model_dir}: the model server failed to start: {reason}\n"
+                        "(the replica's full traceback is in Ray's logs)") from None
     if name not in _deployed:
         _deployed.append(name)
     url = f"http://{_public_host(serve_cfg.host, address)}:{port}{serve_cfg.route_prefix.rstrip('/')}"
@@ -207,8 +210,20 @@ def _public_host(host: str, address: Optional[str]) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def _tail(text: str, lines: int = 15) -> str:
+def _tail(text: str, lines: int = 3) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _deployment_error(app: str) -> str | None:
+    """The last line of the replica's traceback, which Serve keeps in the deployment's status message."""
+    from ray import serve
+
+    try:
+        deployment = serve.status().applications[app].deployments[DEPLOYMENT_NAME]
+    except Exception:  # noqa: BLE001 - only a nicer message is lost
+        return None
+    lines = [line for line in (deployment.message or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else None
 
 
 # ---- the equivalent Serve config file --------------------------------------------------------------------

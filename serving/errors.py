@@ -63,7 +63,7 @@ def model_not_found(requested: str, served: str) -> ServingError:
 
 def input_too_long(n_tokens: int, limit: int, param: str = "input") -> ServingError:
     return ServingError(413, f"The input is {n_tokens} tokens long; the limit is {limit} tokens "
-                             "(serve.max_input_tokens, or the model's max_seq_length).",
+                             "(the smaller of serve.max_input_tokens and the model's context length).",
                         param=param, code="input_too_long")
 
 

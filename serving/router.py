@@ -222,11 +222,23 @@ class RequestMiddleware:
             latency_ms = (time.perf_counter() - start) * 1000
             code = scope.get("rayfine.error_code")
             server.telemetry.record_request(path, seen["status"], latency_ms, code)
-            log_access(server.access_log, request_id=headers.get(b"x-request-id", b"").decode() or None,
+            log_access(server.access_log, request_id=_request_id(headers),
                        method=scope["method"], path=path, status=seen["status"],
                        latency_ms=round(latency_ms, 2), model=server.spec.model_id,
                        batch_size=int(seen["batch"]) if seen.get("batch") else None,
                        model_ms=_model_ms(seen.get("timing")), error=code)
+
+
+def _request_id(headers: dict[bytes, bytes]) -> str | None:
+    """The id Serve's proxy gave the request (also its ``X-Request-ID`` response header)."""
+    if b"x-request-id" in headers:
+        return headers[b"x-request-id"].decode("latin-1")
+    try:  # no proxy in front (Serve's direct ingress): Serve's request context has it; no public API
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or None
+    except Exception:  # noqa: BLE001 - the log line goes out without an id rather than not at all
+        return None
 
 
 def _model_ms(server_timing: bytes | None) -> float | None:

@@ -213,3 +213,18 @@ def test_serve_command_user_errors(models, tmp_path):
                       str(tmp_path / "x.yaml"))
     with pytest.raises(UserError, match="no config.json"):
         serve_command(str(tmp_path), [], None, False, str(tmp_path / "x.yaml"))
+
+
+def test_a_model_that_cannot_load_is_a_user_error(models, serve_port, tmp_path):
+    import shutil
+
+    from cluster.errors import UserError
+    from serving.deploy import deploy
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models["sequence_classification"], broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    from cluster.config import ServeConfig
+
+    with pytest.raises(UserError, match="failed to start: .*Safetensor"):
+        deploy(broken, ServeConfig(port=serve_port, route_prefix="/broken", cpus_per_replica=0.5), name="broken")
