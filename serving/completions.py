@@ -63,7 +63,7 @@ async def _respond(server, body, prompts: list[list[int]], deadline: float, chat
     jobs = _jobs(server, body, prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(server, rid, body.model, prompts, jobs, deadline, chat, include_usage)
+        events = _stream(server, rid, server.spec.model_id, prompts, jobs, deadline, chat, include_usage)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     choices, completion_tokens = [], 0
@@ -85,7 +85,7 @@ async def _respond(server, body, prompts: list[list[int]], deadline: float, chat
     server.telemetry.record_tokens(ENDPOINT_CHAT if chat else ENDPOINT_COMPLETIONS, completion_tokens)
     usage = _usage(prompts, completion_tokens)
     build = chat_response if chat else completion_response
-    return JSONResponse(build(rid, body.model, choices, usage))
+    return JSONResponse(build(rid, server.spec.model_id, choices, usage))
 
 
 def _usage(prompts: list[list[int]], completion_tokens: int) -> Usage:

@@ -114,7 +114,7 @@ class StreamOptions(_Request):
 
 
 class _SamplingRequest(_Request):
-    model: str
+    model: Optional[str] = Field(None, description="must name the served model when given; None = it")
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -143,6 +143,13 @@ def test_chat_completion_shape_usage_and_seed(urls, client):
     assert [c["message"] for c in again["choices"]] == [c["message"] for c in body["choices"]]
 
 
+def test_model_may_be_left_out(urls, client):
+    # `rayfine run` sends its sample request without "model": the served model answers.
+    response = client.post(f"{urls['lm']}/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert response.status_code == 200 and response.json()["model"] == LM_ID
+
+
 def test_lora_adapter_folder_is_served(urls, client):
     assert client.get(f"{urls['lora']}/v1/models").json()["data"][0]["id"] == "tiny-lm-lora"
     response = client.post(f"{urls['lora']}/v1/chat/completions",
