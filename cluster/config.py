@@ -263,8 +263,11 @@ class ServeConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: str = "runs"
+    dir: str = Field("runs", description="parent folder of run folders (relative to the current directory; "
+                     "~ expands)")
     name: Optional[str] = Field(None, description="run folder name; None = the config file's stem")
+    model_id: Optional[str] = Field(None, description="the exported model's served id (rayfine.json); "
+                                    "None = the run folder's name")
 
 
 class RunConfig(_Section):
@@ -287,7 +290,7 @@ class RunConfig(_Section):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output.dir) / (self.output.name or "run")
+        return Path(self.output.dir).expanduser() / (self.output.name or "run")
 
 
 def contradictions(cfg: RunConfig) -> list[str]:

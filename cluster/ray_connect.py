@@ -28,6 +28,8 @@ def connect(address: str | None = None, num_workers: int = 1) -> str:
     """
     import ray
 
+    # Ray Serve's proxy answers its own errors (timeouts, overload) in OpenAI's error shape.
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.errors:proxy_middlewares")
     verbose = os.environ.get("RAYFINE_VERBOSE", "") not in ("", "0")
     if not verbose:
         from ray.util.annotations import RayDeprecationWarning
@@ -47,5 +49,6 @@ def connect(address: str | None = None, num_workers: int = 1) -> str:
     if address:
         ray.init(address=address, **kwargs)
         return f"Ray cluster at {address}"
-    ray.init(num_cpus=local_num_cpus(num_workers), include_dashboard=False, **kwargs)
+    # "local": a new instance even when `ray start` runs on this machine (join one with --address).
+    ray.init(address="local", num_cpus=local_num_cpus(num_workers), include_dashboard=False, **kwargs)
     return f"local Ray ({local_num_cpus(num_workers)} logical CPUs)"

@@ -121,7 +121,7 @@ def format_progress(m: dict, total_steps: int, elapsed: float) -> str:
 
 def prepare_run_dir(cfg: RunConfig) -> tuple[Path, bool]:
     """Pick the run folder: resume an unfinished one, never overwrite a finished one."""
-    base = Path(cfg.output.dir).resolve()
+    base = Path(cfg.output.dir).expanduser().resolve()
     name = cfg.output.name
     run_dir = base / name
     suffix = 1

@@ -343,7 +343,7 @@ class Worker:
         else:
             module.save_pretrained(out_dir, state_dict=state_dict)
             self.tokenizer.save_pretrained(out_dir)
-        meta = {"task": self.cfg.task, "model_id": self.cfg.output.name,
+        meta = {"task": self.cfg.task, "model_id": self.cfg.output.model_id or self.cfg.output.name,
                 "base_model": self.cfg.model.name_or_path,
                 "max_seq_length": self.cfg.data.max_seq_length,
                 "labels": self.labels.names if self.labels else None}

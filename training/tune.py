@@ -402,7 +402,7 @@ def tune_command(cfg: RunConfig, address: str | None = None) -> TuneResult:
     with quiet_tune(), interrupt_marker() as interrupted:
         results = tuner.fit()
         was_interrupted = interrupted()
-    TrainRunSweeper().sweep(wait_s=10)  # the last trials' runs, before export, serving or a restore
+    TrainRunSweeper().sweep(wait_s=30)  # the last trials' runs, before export, serving or a restore
     if was_interrupted or results.num_terminated + results.num_errors < len(results):
         print(f"\nSearch interrupted after {time.time() - started:.0f}s; its state is saved in {tune_dir}. "
               "Run the same command again to resume it (finished trials are not re-run).", flush=True)
