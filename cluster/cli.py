@@ -15,13 +15,13 @@ from cluster import __version__
 from cluster.errors import UserError
 
 
-def _add_common(p: argparse.ArgumentParser, config: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, config: bool = True, address_help: str | None = None) -> None:
     if config:
         p.add_argument("config", help="run config YAML (see ray_config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set training.epochs=3 (repeatable)")
     p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS, else start a local instance)")
+                   help=address_help or "Ray cluster address (default: RAY_ADDRESS, else start a local instance)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +62,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true",
                    help="return after the sample request instead of serving until Ctrl-C")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="submit train/tune/run as a Ray job to a cluster (Ray Jobs API)")
+    _add_common(p, address_help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--command", default="train", choices=["train", "tune", "run"],
+                   help="what the job runs (default: train)")
+    p.add_argument("--wait", action="store_true",
+                   help="stream the job's logs until it ends; the exit code is the job's outcome")
+    p.add_argument("--storage", default=None, metavar="DIR",
+                   help="folder on the cluster for the run folder (default: RAYFINE_STORAGE, else "
+                        "~/rayfine/runs on the cluster)")
+    p.add_argument("--data-on-cluster", action="store_true",
+                   help="the data paths exist on the cluster (a shared volume): use them as they are instead "
+                        "of sending copies with the job")
+    p.set_defaults(func=cmd_submit)
+
+    for verb, text, func in (("status", "a submitted job's status", cmd_status),
+                             ("stop", "stop a submitted job", cmd_stop)):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("job_id", help="the job id that rayfine submit printed")
+        p.add_argument("--address", default=None,
+                       help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("api", help="the OpenAI-compatible fine-tuning jobs server")
+    p.add_argument("configs", nargs="+", metavar="[NAME=]CONFIG",
+                   help="base run configs users can fine-tune (model name: NAME, else the file's stem)")
+    p.add_argument("--address", default=None,
+                   help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--data-dir", default="~/.rayfine/api", help="SQLite state and uploaded files")
+    p.add_argument("--storage", default=None, metavar="DIR",
+                   help="run folders, on storage the cluster shares (default: DATA_DIR/runs)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-keys-env", default="RAYFINE_API_KEYS",
+                   help="env var with comma-separated API keys; unset = no authentication")
+    p.add_argument("--max-upload-mb", type=int, default=512, help="largest file upload accepted")
+    p.set_defaults(func=cmd_api)
     return parser
 
 
@@ -112,6 +149,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     return run_all(cfg, args.address, args.detach)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    from cluster.jobs import submit_command
+
+    cfg = load_config(args.config, args.overrides)
+    return submit_command(cfg, args.config, args.overrides, args.address, args.command, args.wait, args.storage,
+                          args.data_on_cluster)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.jobs import status_command
+
+    return status_command(args.address, args.job_id)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from cluster.jobs import stop_command
+
+    return stop_command(args.address, args.job_id)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from cluster.api.server import api_command
+
+    return api_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:

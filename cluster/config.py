@@ -452,6 +452,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raw: dict[str, Any] | None = None) -> RunConfig:
     """Load and validate a run config; raise ConfigError listing every problem."""
     if raw is None:
+        if str(path).startswith("package:"):  # a config shipped inside a Python package (rayfine submit)
+            path = resolve_model_path(str(path), Path.cwd())
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")

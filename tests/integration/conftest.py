@@ -1,11 +1,27 @@
-"""A real local Ray instance shared by the integration tests (4 logical CPUs on a 2-core machine:
-2 train workers plus room for Ray Data)."""
+"""Real Ray clusters for the integration tests.
+
+``ray_local``: an in-process local instance (4 logical CPUs on a 2-core machine: 2 train workers plus room for
+Ray Data). ``ray_head``: a two-node cluster started the way users start one (``ray start --head`` and a second
+``ray start --address``), with the Jobs API and token authentication on.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -14,9 +30,99 @@ def ray_local():
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     from training.progress import quiet_ray_data
 
     quiet_ray_data()
     yield ray
     ray.shutdown()
+
+
+@dataclass
+class RayHead:
+    address: str  # the Jobs API (dashboard), http://127.0.0.1:PORT
+    gcs_address: str
+    env: dict  # for subprocesses: the cluster's token and the venv's bin on PATH
+    storage: Path  # a folder for run folders, reachable from both nodes
+    token: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+    for flag in ports:
+        args += [flag, str(_free_port())]
+    return subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _count_nodes(env: dict, gcs: str) -> int:
+    out = subprocess.run([str(VENV_BIN / "ray"), "status", "--address", gcs], env=env, capture_output=True,
+                         text=True, timeout=60)
+    active = out.stdout.split("Pending:")[0]
+    return active.count(" node_")
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    # A short temp dir: Ray's socket paths must fit in 107 characters.
+    root = Path(tempfile.mkdtemp(prefix="rf-", dir="/tmp"))
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    gcs_port, dash_port = _free_port(), _free_port()
+    gcs = f"127.0.0.1:{gcs_port}"
+    procs = [_ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+                         "--ray-client-server-port", str(_free_port()), "--num-cpus", "2",
+                         "--temp-dir", str(root / "ray")], env, root / "head.log")]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if procs[0].poll() is not None:
+                raise RuntimeError(f"ray start --head exited: {(root / 'head.log').read_text()[-3000:]}")
+            if _count_nodes(env, gcs) >= 1:
+                break
+            time.sleep(2)
+        procs.append(_ray_start(["--address", gcs, "--node-ip-address", "127.0.0.1", "--num-cpus", "2"],
+                                env, root / "worker.log"))
+        while time.time() < deadline and _count_nodes(env, gcs) < 2:
+            time.sleep(2)
+        assert _count_nodes(env, gcs) == 2, (root / "worker.log").read_text()[-3000:]
+        storage = root / "storage"
+        storage.mkdir()
+        yield RayHead(address=f"http://127.0.0.1:{dash_port}", gcs_address=gcs, env=env, storage=storage,
+                      token=token)
+    finally:
+        # A throwaway cluster: end every process of both nodes at once (a SIGTERM drains for 30 s).
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+        _kill_matching(str(root))
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_matching(text: str) -> None:
+    """Processes of the cluster that left its process group (their command lines name its temp dir)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,349 @@
+"""Ray Jobs: submit a rayfine run to a cluster, follow it, ask its status, stop it.
+
+A submitted job carries its own package, ``rayfine_job_<id>``: ``config.yaml`` (the resolved config, with
+``--set`` applied) and ``data/``, a copy of every local data file the config names, so the cluster needs nothing
+from the submitting machine. Object-store URIs (``s3://``, ``gs://``, ...) pass through, and ``data_on_cluster``
+passes local paths through unchanged (files on a volume the cluster mounts). The entrypoint is always
+``rayfine <command> package:rayfine_job_<id>/config.yaml``: nothing in it comes from user strings.
+
+The package travels as a ``py_modules`` entry of the job's runtime environment rather than as its
+``working_dir``: with torch 2.13's CPU wheel, a job driver started in a ``working_dir`` was seen to die in oneMKL
+("Cannot load libtorch_cpu.so") when building the model, while the same run as a ``py_modules`` job trains.
+
+The run folder is written on the cluster under ``storage`` (``output.dir``): a folder every node can reach
+(a shared volume on Kubernetes). Ray's token authentication (``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN`` or
+``RAY_AUTH_TOKEN_PATH``) is honoured by Ray's own client, which reads those variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import yaml
+
+from cluster.config import RunConfig
+from cluster.errors import UserError
+
+COMMANDS = ("train", "tune", "run")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+DEFAULT_STORAGE = "~/rayfine/runs"  # expanded on the cluster, by the job itself
+# Ray refuses working_dir packages above 500 MiB; stay well under it and say what to do instead.
+MAX_PACKAGE_BYTES = 400 * 1024 * 1024
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class SubmittedJob:
+    job_id: str
+    run_dir: str  # where the run folder goes on the cluster (``NAME-2`` if a finished run already holds NAME)
+
+
+@dataclass
+class JobState:
+    job_id: str
+    status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
+    message: str = ""
+    start_time: Optional[float] = None  # seconds since the epoch
+    end_time: Optional[float] = None
+    entrypoint: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+def jobs_address(address: str | None) -> str:
+    """The Jobs API address: ``--address``, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UserError("no cluster given: pass --address http://HEAD:8265 (the Ray dashboard's Jobs API) "
+                        "or set RAY_ADDRESS")
+    if not address.startswith(("http://", "https://")):
+        raise UserError(f"--address {address}: job submission talks to the Ray dashboard's Jobs API; give its "
+                        "HTTP address, e.g. http://HEAD:8265")
+    return address.rstrip("/")
+
+
+class JobsClient:
+    """rayfine's view of Ray's ``JobSubmissionClient``: user errors instead of tracebacks."""
+
+    def __init__(self, address: str | None = None):
+        self.address = jobs_address(address)
+        import logging
+
+        from ray.job_submission import JobSubmissionClient
+
+        for name in ("ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk",
+                     "ray._private.runtime_env.packaging"):  # "Uploading package ..." at INFO
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        try:
+            self.client = JobSubmissionClient(self.address)
+        except Exception as exc:  # ConnectionError, auth errors (RuntimeError), bad URLs
+            raise UserError(f"cannot reach the Ray Jobs API at {self.address}: {_first_line(exc)}"
+                            f"{_auth_hint(exc)}") from None
+
+    # -- submitting ------------------------------------------------------------------------------------------
+
+    def submit(self, cfg: RunConfig, command: str = "train", *, storage: str | None = None,
+               data_on_cluster: bool = False, submission_id: str | None = None,
+               metadata: dict[str, str] | None = None, model_name_or_path: str | None = None) -> SubmittedJob:
+        """Submit ``rayfine COMMAND package:rayfine_job_<id>/config.yaml``, the config and its local data shipped with it.
+
+        ``model_name_or_path`` overrides the model reference written into the job's config (the CLI passes the
+        config file's own ``package:`` form, which load_config resolved to a folder on this machine).
+        """
+        if command not in COMMANDS:
+            raise UserError(f"--command {command}: choose one of {', '.join(COMMANDS)}")
+        storage = storage or os.environ.get("RAYFINE_STORAGE") or DEFAULT_STORAGE
+        with tempfile.TemporaryDirectory(prefix="rayfine-job-") as tmp:
+            module = f"rayfine_job_{uuid.uuid4().hex[:12]}"
+            package = Path(tmp) / module
+            package.mkdir()
+            (package / "__init__.py").write_text('"""A rayfine job: config.yaml and its data."""\n')
+            raw = cfg.model_dump(mode="json")
+            if not data_on_cluster:
+                raw["data"] = _package_data(raw["data"], package / "data")
+            if model_name_or_path:
+                raw["model"]["name_or_path"] = model_name_or_path
+            raw["output"]["dir"] = storage
+            if not raw["output"].get("name"):
+                raw["output"]["name"] = "run"
+            (package / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
+            if size > MAX_PACKAGE_BYTES:
+                raise UserError(f"the job's data is {size / 2**20:.0f} MiB, more than Ray carries with a job "
+                                f"({MAX_PACKAGE_BYTES // 2**20} MiB); put it on object storage (s3://, gs://) or "
+                                "a volume the cluster mounts and pass --data-on-cluster")
+            entrypoint = (f"rayfine {command} package:{module}/config.yaml"
+                          + (" --detach" if command == "run" else ""))
+            run_dir = f"{storage.rstrip('/')}/{raw['output']['name']}"
+            meta = {"rayfine_command": command, "rayfine_run_dir": run_dir, "rayfine_task": cfg.task,
+                    **(metadata or {})}
+            try:
+                job_id = self.client.submit_job(
+                    entrypoint=entrypoint, submission_id=submission_id, metadata=meta,
+                    runtime_env={"py_modules": [str(package)],
+                                 "env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}})
+            except Exception as exc:
+                raise UserError(f"the Ray Jobs API at {self.address} refused the job: {_first_line(exc)}"
+                                f"{_auth_hint(exc)}") from None
+        return SubmittedJob(job_id=job_id, run_dir=run_dir)
+
+    # -- following -------------------------------------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobState:
+        try:
+            info = self.client.get_job_info(job_id)
+        except Exception as exc:
+            raise self._job_error(job_id, exc) from None
+        return JobState(
+            job_id=info.submission_id or job_id, status=str(getattr(info.status, "value", info.status)),
+            message=info.message or "", entrypoint=info.entrypoint or "", metadata=dict(info.metadata or {}),
+            start_time=info.start_time / 1000 if info.start_time else None,
+            end_time=info.end_time / 1000 if info.end_time else None)
+
+    def stop(self, job_id: str) -> bool:
+        """Ask the job to stop; False when it had already finished."""
+        try:
+            return bool(self.client.stop_job(job_id))
+        except Exception as exc:
+            raise self._job_error(job_id, exc) from None
+
+    def logs(self, job_id: str) -> str:
+        try:
+            return self.client.get_job_logs(job_id)
+        except Exception as exc:
+            raise self._job_error(job_id, exc) from None
+
+    def follow(self, job_id: str) -> Iterator[str]:
+        """The job's log as it is written, until the job ends."""
+        agen = self.client.tail_job_logs(job_id)
+        loop = asyncio.new_event_loop()
+        try:
+            while True:
+                try:
+                    yield loop.run_until_complete(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(agen.aclose())
+            loop.close()
+
+    def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0) -> JobState:
+        deadline = None if timeout is None else time.time() + timeout
+        while True:
+            state = self.status(job_id)
+            if state.finished or (deadline is not None and time.time() >= deadline):
+                return state
+            time.sleep(poll_s)
+
+    def _job_error(self, job_id: str, exc: Exception) -> UserError:
+        text = _first_line(exc)
+        if "404" in text or "does not exist" in text or "not found" in text.lower():
+            return UserError(f"no job {job_id} on the cluster at {self.address} (list them with: ray job list "
+                             f"--address {self.address})")
+        return UserError(f"the Ray Jobs API at {self.address} failed for job {job_id}: {text}{_auth_hint(exc)}")
+
+
+def _package_data(data: dict, dest: Path) -> dict:
+    """Copy every local data path into ``dest`` and point the config at the copies (relative paths)."""
+    data = dict(data)
+    counter = 0
+    for split in ("train", "validation", "test"):
+        value = data.get(split)
+        if value is None:
+            continue
+        entries = value if isinstance(value, list) else [value]
+        packed = []
+        for entry in entries:
+            if "://" in entry:
+                packed.append(entry)
+                continue
+            counter += 1
+            packed.append(_copy_entry(entry, dest / f"{split}-{counter}", f"data/{split}-{counter}"))
+        data[split] = packed if isinstance(value, list) else packed[0]
+    return data
+
+
+def _copy_entry(entry: str, dest: Path, rel: str) -> str:
+    path = Path(entry)
+    if _GLOB_CHARS & set(entry):
+        matches = sorted(glob.glob(entry, recursive=True))
+        files = [Path(m) for m in matches if Path(m).is_file()]
+        if not files:
+            raise UserError(f"data: {entry} matches no file")
+        dest.mkdir(parents=True)
+        for f in files:
+            if (dest / f.name).exists():
+                raise UserError(f"data: {entry} matches two files named {f.name}; name shards uniquely or "
+                                "give their folder")
+            shutil.copy2(f, dest / f.name)
+        return f"{rel}/{Path(entry).name}"
+    if path.is_dir():
+        shutil.copytree(path, dest / path.name)
+        return f"{rel}/{path.name}"
+    if path.is_file():
+        dest.mkdir(parents=True)
+        shutil.copy2(path, dest / path.name)
+        return f"{rel}/{path.name}"
+    raise UserError(f"data: {entry} not found on this machine (if it is on the cluster, pass --data-on-cluster)")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:400]
+
+
+def _auth_hint(exc: Exception) -> str:
+    text = str(exc).lower()
+    if "401" in text or "403" in text or "unauthorized" in text or "authentication" in text or "token" in text:
+        return ("\n  the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+                "RAY_AUTH_TOKEN_PATH) to its token")
+    return ""
+
+
+# -- the CLI verbs -----------------------------------------------------------------------------------------------
+
+def submit_command(cfg: RunConfig, config_path: str, overrides: list[str], address: str | None, command: str,
+                   wait: bool, storage: str | None, data_on_cluster: bool) -> int:
+    client = JobsClient(address)
+    model_ref = _model_reference(config_path, cfg, overrides)
+    job = client.submit(cfg, command, storage=storage, data_on_cluster=data_on_cluster,
+                        model_name_or_path=model_ref)
+    print(f"submitted job {job.job_id} to {client.address}: rayfine {command} ({cfg.task})")
+    print(f"  run folder on the cluster: {job.run_dir}")
+    if not wait:
+        print(f"  follow it:  ray job logs {job.job_id} --address {client.address} --follow")
+        print(f"  status:     rayfine status {job.job_id} --address {client.address}")
+        print(f"  stop it:    rayfine stop {job.job_id} --address {client.address}")
+        return 0
+    return follow_command(client, job.job_id)
+
+
+def follow_command(client: JobsClient, job_id: str) -> int:
+    try:
+        for chunk in client.follow(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        state = client.wait(job_id, timeout=30)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running (rayfine stop {job_id} --address "
+              f"{client.address} stops it)", file=sys.stderr)
+        return 130
+    return _report_end(state)
+
+
+def _report_end(state: JobState) -> int:
+    took = f" after {state.end_time - state.start_time:.0f}s" if state.start_time and state.end_time else ""
+    if state.status == "SUCCEEDED":
+        print(f"job {state.job_id} succeeded{took}")
+        return 0
+    print(f"job {state.job_id} {state.status.lower()}{took}{failure_reason(state)}", file=sys.stderr)
+    return 1
+
+
+def failure_reason(state: JobState) -> str:
+    """The first line of Ray's message and the job's own ``error:`` lines (Ray appends the log's tail)."""
+    if not state.message:
+        return ""
+    lines = state.message.splitlines()
+    errors, inside = [], False
+    for line in lines[1:]:  # "error: ..." and the indented lines that belong to it
+        inside = line.startswith("error:") or (inside and line.startswith(" ") and line.strip() != "")
+        if inside:
+            errors.append(line)
+    return ": " + lines[0].split(", last available logs")[0] + "".join(f"\n  {line}" for line in errors)
+
+
+def status_command(address: str | None, job_id: str) -> int:
+    client = JobsClient(address)
+    state = client.status(job_id)
+    print(f"job {state.job_id}: {state.status}")
+    if state.entrypoint:
+        print(f"  entrypoint: {state.entrypoint}")
+    if state.metadata.get("rayfine_run_dir"):
+        print(f"  run folder: {state.metadata['rayfine_run_dir']}")
+    if state.start_time:
+        end = state.end_time or time.time()
+        print(f"  started:    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state.start_time))} "
+              f"({end - state.start_time:.0f}s {'in all' if state.end_time else 'so far'})")
+    if state.message:
+        print(f"  message{failure_reason(state)}")
+    return 0
+
+
+def stop_command(address: str | None, job_id: str, wait_s: float = 30.0) -> int:
+    client = JobsClient(address)
+    if not client.stop(job_id):
+        state = client.status(job_id)
+        print(f"job {job_id} had already ended: {state.status}")
+        return 0
+    state = client.wait(job_id, timeout=wait_s)
+    print(f"job {job_id}: {state.status}" + ("" if state.finished else " (stop requested)"))
+    return 0
+
+
+def _model_reference(config_path: str, cfg: RunConfig, overrides: list[str]) -> str:
+    """The model as the config names it when that is a ``package:`` reference (resolved per machine)."""
+    for pair in reversed(overrides):
+        key, _, value = pair.partition("=")
+        if key.strip() == "model.name_or_path":
+            return value.strip() if value.strip().startswith("package:") else cfg.model.name_or_path
+    try:
+        raw = yaml.safe_load(Path(config_path).read_text()) or {}
+        name = (raw.get("model") or {}).get("name_or_path")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return cfg.model.name_or_path
+    return name if isinstance(name, str) and name.startswith("package:") else cfg.model.name_or_path

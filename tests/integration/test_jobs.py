@@ -1,0 +1,127 @@
+"""`rayfine submit / status / stop` against a real two-node cluster (``ray start``) with token auth on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import sentiment_rows, write_jsonl
+from tests.integration.conftest import VENV_BIN
+
+pytestmark = pytest.mark.integration
+
+
+def rayfine(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "rayfine"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_config(tmp_path: Path, model: Path, n_train: int = 64, epochs: int = 1, train_rows=None) -> Path:
+    data = tmp_path / "data"
+    train = write_jsonl(data / "train.jsonl", train_rows or sentiment_rows(n_train, seed=1))
+    val = write_jsonl(data / "val.jsonl", sentiment_rows(16, seed=2))
+    raw = {
+        "task": "sequence_classification",
+        "model": {"name_or_path": str(model)},
+        "data": {"train": str(train), "validation": str(val), "max_seq_length": 32},
+        "training": {"epochs": epochs, "learning_rate": 5e-3, "batch_size": 8, "log_every_steps": 2,
+                     "eval_every_steps": 0, "checkpoint_every_steps": 0},
+        "deepspeed": {"stage": 2},
+        "scaling": {"num_workers": 2, "use_gpu": False},
+        "output": {"name": "sentiment"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def job_id_of(stdout: str) -> str:
+    for line in stdout.splitlines():
+        if line.startswith("submitted job "):
+            return line.split()[2]
+    raise AssertionError(f"no job id in: {stdout}")
+
+
+def test_submitted_job_trains_on_the_cluster_with_the_data_it_carried(tmp_path, tiny_bert, ray_head):
+    config = write_config(tmp_path, tiny_bert)
+    storage = ray_head.storage / "submit"
+    out = rayfine(["submit", str(config), "--address", ray_head.address, "--storage", str(storage)], ray_head.env)
+    assert out.returncode == 0, out.stderr
+    job_id = job_id_of(out.stdout)
+    # The job carries copies: the local files can go as soon as it is submitted.
+    for path in (tmp_path / "data").iterdir():
+        path.unlink()
+
+    follow = rayfine(["status", job_id, "--address", ray_head.address], ray_head.env)
+    assert follow.returncode == 0 and f"job {job_id}:" in follow.stdout
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        status = rayfine(["status", job_id, "--address", ray_head.address], ray_head.env).stdout
+        if "SUCCEEDED" in status or "FAILED" in status:
+            break
+        time.sleep(3)
+    assert f"job {job_id}: SUCCEEDED" in status, status
+    assert f"run folder: {storage}/sentiment" in status
+
+    run = storage / "sentiment"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 64 // (2 * 8)  # 64 records, 2 workers x batch 8, one epoch
+    assert json.loads((run / "model" / "rayfine.json").read_text())["task"] == "sequence_classification"
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(run / "model")
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    # The run's config points at the copies shipped with the job, not at this machine's (deleted) files.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert "rayfine_job_" in saved["data"]["train"] and str(tmp_path) not in saved["data"]["train"]
+
+
+def test_wait_streams_the_log_and_a_failed_job_exits_1_with_its_error(tmp_path, tiny_bert, ray_head):
+    rows = sentiment_rows(32, seed=3)
+    config = write_config(tmp_path, tiny_bert, train_rows=rows)
+    lines = (tmp_path / "data" / "train.jsonl").read_text().splitlines()
+    lines[4] = '{"text": "cut off'
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(lines) + "\n")
+
+    out = rayfine(["submit", str(config), "--address", ray_head.address, "--storage", str(ray_head.storage),
+                   "--wait"], ray_head.env)
+    assert out.returncode == 1, out.stdout
+    assert "Checking the data" in out.stdout  # the job's own log, streamed
+    assert "failed" in out.stderr and "train.jsonl:5" in out.stderr, out.stderr
+    assert not (ray_head.storage / "sentiment").exists()  # bad data is refused before a run folder exists
+
+
+def test_stop_ends_a_running_job(tmp_path, tiny_bert, ray_head):
+    config = write_config(tmp_path, tiny_bert, n_train=512, epochs=20)
+    out = rayfine(["submit", str(config), "--address", ray_head.address, "--storage",
+                   str(ray_head.storage / "stop")], ray_head.env)
+    assert out.returncode == 0, out.stderr
+    job_id = job_id_of(out.stdout)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        status = rayfine(["status", job_id, "--address", ray_head.address], ray_head.env).stdout
+        if "RUNNING" in status:
+            break
+        time.sleep(1)
+    assert "RUNNING" in status, status
+    stop = rayfine(["stop", job_id, "--address", ray_head.address], ray_head.env)
+    assert stop.returncode == 0 and f"job {job_id}: STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    assert "STOPPED" in rayfine(["status", job_id, "--address", ray_head.address], ray_head.env).stdout
+
+
+def test_token_auth_and_unknown_jobs_are_user_errors(ray_head):
+    no_token = {k: v for k, v in ray_head.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    out = rayfine(["status", "raysubmit_x", "--address", ray_head.address], no_token)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "RAY_AUTH_TOKEN" in out.stderr, out.stderr
+
+    out = rayfine(["status", "raysubmit_nope", "--address", ray_head.address], ray_head.env)
+    assert out.returncode == 1 and "no job raysubmit_nope" in out.stderr, out.stderr
+
+    out = rayfine(["stop", "raysubmit_nope", "--address", "127.0.0.1:6379"], ray_head.env)
+    assert out.returncode == 1 and "http://HEAD:8265" in out.stderr, out.stderr
