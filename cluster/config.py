@@ -308,11 +308,12 @@ def contradictions(cfg: RunConfig) -> list[str]:
                         f"({cfg.data.max_seq_length}), or windows would barely advance")
     if cfg.serve.num_replicas is not None and cfg.serve.autoscaling is not None:
         problems.append("serve.num_replicas: set either num_replicas or autoscaling, not both")
+    if cfg.serve.max_queued_requests == 0:
+        problems.append("serve.max_queued_requests: 0 would refuse every request; use a positive limit, or -1 "
+                        "for no limit")
     auto = cfg.serve.autoscaling
     if auto is not None and auto.min_replicas > auto.max_replicas:
         problems.append("serve.autoscaling.min_replicas: must not exceed max_replicas")
-    if cfg.model.lora.enabled and cfg.task != "causal_lm" and cfg.model.lora.target_modules is None:
-        pass  # encoders get their default target modules from the adapter
     problems += tune_problems(cfg.tune)
     return problems
 

@@ -62,12 +62,26 @@ def test_missing_required_sections(tmp_path):
 
 def test_contradictions(tmp_path):
     bad = {**BASE, "deepspeed": {"stage": 2, "offload_params": True},
-           "serve": {"num_replicas": 2, "autoscaling": {"min_replicas": 1, "max_replicas": 3}}}
+           "serve": {"num_replicas": 2, "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+                     "max_queued_requests": 0}}
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, bad))
     text = err.value.render()
     assert "deepspeed.offload_params: needs deepspeed.stage: 3" in text
     assert "serve.num_replicas: set either num_replicas or autoscaling" in text
+    assert "serve.max_queued_requests: 0 would refuse every request" in text
+
+
+def test_a_config_shipped_in_a_package_loads_with_paths_relative_to_it(tmp_path, monkeypatch):
+    pkg = tmp_path / "rayfine_job_test"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data" / "t.jsonl").write_text('{"text": "a", "label": 0}\n')
+    (pkg / "config.yaml").write_text(yaml.safe_dump({**BASE, "data": {"train": "data/t.jsonl"}}))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config("package:rayfine_job_test/config.yaml")
+    assert cfg.data.train == str((pkg / "data" / "t.jsonl").resolve())
+    assert cfg.output.name == "config"
 
 
 def test_set_overrides_parse_yaml_scalars_and_win(tmp_path):
