@@ -1,0 +1,325 @@
+"""``build_app``: the FastAPI app of ``rayfine api`` (OpenAI's files and fine-tuning jobs endpoints).
+
+Request handlers only check requests, read and write the store and wake the runner; the runner thread does
+everything slow (file validation, Ray calls). Two ASGI middlewares wrap the routes: API keys (401 in
+OpenAI's shape; ``/healthz`` stays open for probes) and the upload cap (413 before a too-large body is read).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from fastapi import FastAPI, File, Form, Query, UploadFile
+from fastapi.responses import FileResponse
+
+from cluster.api import protocol
+from cluster.api.errors import (APIError, file_too_large, install_error_handlers, not_found, too_large,
+                               unauthorized)
+from cluster.api.hyperparams import build_job_config, resolve
+from cluster.api.runner import JobRunner, default_client_factory
+from cluster.api.settings import ApiSettings
+from cluster.api.store import BadCursor, Store, new_id
+from cluster.api.validation import check_upload
+
+logger = logging.getLogger("cluster.api")
+OPEN_PATHS = frozenset({"/healthz"})
+MULTIPART_SLACK = 64 * 1024  # request bytes beyond the file itself: boundaries, headers, the purpose field
+COPY_CHUNK = 1 << 20
+
+
+def build_app(settings: ApiSettings, jobs_client: Any = None) -> FastAPI:
+    """The app; ``jobs_client`` is a ready ``cluster.jobs.JobsClient`` (else one is made on first use)."""
+    settings.files_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.db_path)
+    factory = (lambda: jobs_client) if jobs_client is not None else default_client_factory(settings.address)
+    runner = JobRunner(store, settings.storage, settings.poll_interval_s, factory,
+                       {name: m.model_reference for name, m in settings.base_models.items()})
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        runner.start()
+        try:
+            yield
+        finally:
+            runner.stop()
+
+    app = FastAPI(title="rayfine fine-tuning API", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.settings, app.state.store, app.state.runner = settings, store, runner
+    install_error_handlers(app)
+    _add_model_routes(app, settings, store)
+    _add_file_routes(app, settings, store)
+    _add_job_routes(app, settings, store, runner)
+    app.add_middleware(UploadLimit, limit_bytes=settings.max_upload_bytes)
+    app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
+    return app
+
+
+# ---- middleware ----------------------------------------------------------------------------------------------
+class ApiKeyAuth:
+    """``Authorization: Bearer KEY`` on every route but /healthz, when keys are configured."""
+
+    def __init__(self, app, keys: frozenset[str]):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys and scope["path"] not in OPEN_PATHS:
+            headers = dict(scope.get("headers") or [])
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            # compare_digest: no timing hints about how much of a key matched
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in self.keys):
+                return await unauthorized()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class UploadLimit:
+    """Refuse uploads over the cap with 413: at once from Content-Length, or as soon as a streamed body
+    passes it (the handler also counts the file's own bytes exactly)."""
+
+    def __init__(self, app, limit_bytes: int):
+        self.app, self.limit = app, limit_bytes + MULTIPART_SLACK
+        self.file_limit = limit_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/files":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_large(self.file_limit)(scope, receive, send)
+        state = {"bytes": 0, "over": False, "started": False}
+
+        async def counting_receive():
+            message = await receive()
+            state["bytes"] += len(message.get("body", b""))
+            if state["bytes"] > self.limit:
+                state["over"] = True
+                raise _TooLarge()
+            return message
+
+        async def replacing_send(message):
+            # Whatever the app answers once the body ran over (its form parser turns the error into a 400),
+            # the client gets the 413.
+            if state["over"]:
+                if message["type"] == "http.response.start" and not state["started"]:
+                    state["started"] = True
+                    await too_large(self.file_limit)(scope, receive, send)
+                return
+            state["started"] = state["started"] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, replacing_send)
+        except _TooLarge:
+            if not state["started"]:
+                await too_large(self.file_limit)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# ---- models --------------------------------------------------------------------------------------------------
+def _add_model_routes(app: FastAPI, settings: ApiSettings, store: Store) -> None:
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "models": sorted(settings.base_models), "jobs": store.job_counts()}
+
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        """Base models, then the fine-tuned models of succeeded jobs (served with ``rayfine serve RUN/model``)."""
+        data = [protocol.model_object(m.name, m.created_at) for m in settings.base_models.values()]
+        after = None
+        while True:
+            jobs, more = store.list_jobs(after, 100)
+            data += [protocol.model_object(j["fine_tuned_model"], j["finished_at"] or j["created_at"], j["model"])
+                     for j in jobs if j["status"] == "succeeded"]
+            if not more:
+                return {"object": "list", "data": data}
+            after = jobs[-1]["id"]
+
+
+# ---- files ---------------------------------------------------------------------------------------------------
+def _add_file_routes(app: FastAPI, settings: ApiSettings, store: Store) -> None:
+    configs = {name: m.config for name, m in settings.base_models.items()}
+
+    @app.post("/v1/files")
+    def upload_file(file: UploadFile = File(...), purpose: str = Form(...)) -> dict[str, Any]:
+        if purpose != "fine-tune":
+            raise APIError(400, f"purpose '{purpose}' is not supported here; use purpose=fine-tune.",
+                           param="purpose", code="invalid_purpose")
+        file_id = new_id("file")
+        # The name on disk is the generated id: nothing a client sends ever becomes part of a path.
+        path = settings.files_dir / f"{file_id}.jsonl"
+        size = _save_capped(file, path, settings.max_upload_bytes)
+        filename = Path((file.filename or "upload.jsonl").replace("\\", "/")).name[:255] or "upload.jsonl"
+        records, problem = check_upload(path, configs)
+        if problem:
+            path.unlink(missing_ok=True)
+            raise APIError(400, f"Invalid file '{filename}': {problem}", param="file", code="invalid_file")
+        row = {"id": file_id, "filename": filename, "purpose": purpose, "bytes": size, "records": records,
+               "created_at": int(time.time()), "path": str(path)}
+        store.add_file(row)
+        logger.info("%s: uploaded %s (%d bytes, %d records)", file_id, filename, size, records)
+        return protocol.file_object(row)
+
+    @app.get("/v1/files")
+    def list_files(purpose: Optional[str] = None, after: Optional[str] = None,
+                   limit: int = Query(10000, ge=1, le=10000),
+                   order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
+        rows, more = _paged(lambda: store.list_files(purpose, after, limit, order == "desc"))
+        return protocol.page([protocol.file_object(r) for r in rows], more)
+
+    @app.get("/v1/files/{file_id}")
+    def get_file(file_id: str) -> dict[str, Any]:
+        return protocol.file_object(_file(store, file_id))
+
+    @app.get("/v1/files/{file_id}/content")
+    def file_content(file_id: str) -> FileResponse:
+        row = _file(store, file_id)
+        return FileResponse(_inside(Path(row["path"]), settings.files_dir), media_type="application/jsonl",
+                            filename=row["filename"])
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(file_id: str) -> dict[str, Any]:
+        row = _file(store, file_id)
+        job = store.file_in_use(file_id)
+        if job:
+            raise APIError(400, f"The file {file_id} is used by the active job {job}; cancel it or wait for it to "
+                                "finish before deleting the file.", param="file_id", code="file_in_use")
+        store.delete_file(file_id)
+        _inside(Path(row["path"]), settings.files_dir).unlink(missing_ok=True)
+        logger.info("%s: deleted", file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+
+def _save_capped(upload: UploadFile, path: Path, limit: int) -> int:
+    """Copy the upload to ``path``; 413 (and nothing kept) once it passes ``limit`` bytes."""
+    size = 0
+    try:
+        with open(path, "wb") as out:
+            while chunk := upload.file.read(COPY_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise file_too_large(limit)
+                out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def _file(store: Store, file_id: str) -> dict[str, Any]:
+    row = store.get_file(file_id)
+    if row is None:
+        raise not_found("file", file_id, "file_id")
+    return row
+
+
+def _inside(path: Path, folder: Path) -> Path:
+    """Defense in depth: stored paths are always under the files folder; refuse anything else."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise APIError(500, "A stored file path is outside the data directory.", code="internal_error")
+    return resolved
+
+
+def _paged(fetch):
+    try:
+        return fetch()
+    except BadCursor as exc:
+        raise APIError(400, f"'after' is not an id from this list: '{exc}'.", param="after",
+                       code="invalid_cursor") from None
+
+
+# ---- fine-tuning jobs ----------------------------------------------------------------------------------------
+def _add_job_routes(app: FastAPI, settings: ApiSettings, store: Store, runner: JobRunner) -> None:
+    @app.post("/v1/fine_tuning/jobs")
+    def create_job(request: protocol.JobCreateRequest) -> dict[str, Any]:
+        row = _new_job(settings, store, request)
+        store.add_job(row)
+        store.add_event(row["id"], f"Created fine-tuning job: {row['id']}")
+        files = f"training file {row['training_file']}" + (
+            f" and validation file {row['validation_file']}" if row["validation_file"] else "")
+        store.add_event(row["id"], f"Validating {files}")
+        logger.info("%s: created (model %s, %s) -> validating_files", row["id"], row["model"], files)
+        runner.wake()
+        return protocol.job_object(row)
+
+    @app.get("/v1/fine_tuning/jobs")
+    def list_jobs(after: Optional[str] = None, limit: int = Query(20, ge=1, le=100)) -> dict[str, Any]:
+        rows, more = _paged(lambda: store.list_jobs(after, limit))
+        return protocol.page([protocol.job_object(r) for r in rows], more)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    def get_job(job_id: str) -> dict[str, Any]:
+        return protocol.job_object(_job(store, job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        return protocol.job_object(runner.cancel(job_id))
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    def list_events(job_id: str, after: Optional[str] = None,
+                    limit: int = Query(20, ge=1, le=1000)) -> dict[str, Any]:
+        _job(store, job_id)
+        rows, more = _paged(lambda: store.list_events(job_id, after, limit))
+        return protocol.page([protocol.event_object(r) for r in rows], more)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    def list_checkpoints(job_id: str, after: Optional[str] = None,
+                         limit: int = Query(10, ge=1, le=100)) -> dict[str, Any]:
+        job = _job(store, job_id)
+        rows, more = _paged(lambda: store.list_checkpoints(job_id, after, limit))
+        return protocol.page([protocol.checkpoint_object(r, job["fine_tuned_model"]) for r in rows], more)
+
+
+def _job(store: Store, job_id: str) -> dict[str, Any]:
+    row = store.get_job(job_id)
+    if row is None:
+        raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
+    return row
+
+
+def _job_file(store: Store, file_id: Optional[str], param: str) -> Optional[dict[str, Any]]:
+    if file_id is None:
+        return None
+    row = store.get_file(file_id)
+    if row is None:
+        raise not_found("file", file_id, param)
+    if row["purpose"] != "fine-tune":
+        raise APIError(400, f"{param} {file_id} has purpose '{row['purpose']}'; upload it with purpose=fine-tune.",
+                       param=param, code="invalid_file_purpose")
+    return row
+
+
+def _new_job(settings: ApiSettings, store: Store, request: protocol.JobCreateRequest) -> dict[str, Any]:
+    """Check a create request and build the job's row, its run config included (nothing else is ever run)."""
+    hp_in = request.chosen_hyperparameters()
+    if request.integrations:
+        raise APIError(400, "integrations are not supported by this server.", param="integrations",
+                       code="unsupported_parameter")
+    base = settings.base_models.get(request.model)
+    if base is None:
+        hint = " (fine-tuned models cannot be fine-tuned again here)" if request.model.startswith("ft:") else ""
+        raise APIError(404, f"The model '{request.model}' does not exist{hint}; available base models: "
+                            f"{', '.join(sorted(settings.base_models))}.", param="model", code="model_not_found")
+    train = _job_file(store, request.training_file, "training_file")
+    validation = _job_file(store, request.validation_file, "validation_file")
+    hp = resolve(base.config, hp_in.n_epochs, hp_in.batch_size, hp_in.learning_rate_multiplier)
+    seed = request.seed if request.seed is not None else base.config.training.seed
+    job_id = new_id("ftjob")
+    fine_tuned_model = f"ft:{base.name}:{request.suffix or ''}:{job_id}"
+    cfg = build_job_config(base.config, hp, seed=seed, train_path=train["path"],
+                           validation_path=validation["path"] if validation else None,
+                           storage=str(settings.storage), job_id=job_id, model_id=fine_tuned_model)
+    return {"id": job_id, "model": base.name, "training_file": train["id"],
+            "validation_file": validation["id"] if validation else None, "hyperparameters": hp.public(),
+            "suffix": request.suffix, "seed": seed, "metadata": request.metadata, "status": "validating_files",
+            "error": None, "fine_tuned_model": fine_tuned_model, "created_at": int(time.time()),
+            "finished_at": None, "ray_job_id": f"rayfine-{job_id}", "submitted": 0, "run_dir": None,
+            "metrics_offset": 0, "total_steps": None, "trained_tokens": None,
+            "config": cfg.model_dump(mode="json")}

@@ -1,0 +1,88 @@
+"""``rayfine api CONFIG [CONFIG ...]``: run the fine-tuning jobs server until Ctrl-C.
+
+The server keeps its state in ``--data-dir`` (SQLite and the uploaded files) and has the cluster write run
+folders to ``--storage``. Both must be storage the Ray cluster shares with this server (the same machine,
+or one volume mounted on the server and on every Ray node): jobs read the uploaded files from there, and the
+server reads their ``metrics.jsonl`` and checkpoints back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from cluster.api.settings import ApiSettings, load_base_models
+from cluster.errors import UserError
+
+logger = logging.getLogger("cluster.api")
+DEFAULT_DATA_DIR = "~/.rayfine/api"
+
+
+def read_api_keys(env_var: str) -> frozenset[str]:
+    raw = os.environ.get(env_var, "")
+    return frozenset(key.strip() for key in raw.split(",") if key.strip())
+
+
+def settings_from_args(args: argparse.Namespace) -> ApiSettings:
+    """ApiSettings from the CLI's arguments; UserError on bad configs or limits."""
+    if args.max_upload_mb is not None and args.max_upload_mb <= 0:
+        raise UserError(f"--max-upload-mb: must be a positive number of megabytes (got {args.max_upload_mb})")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port: must be 1-65535 (got {args.port})")
+    data_dir = Path(args.data_dir or DEFAULT_DATA_DIR).expanduser().resolve()
+    storage = Path(args.storage).expanduser().resolve() if args.storage else data_dir / "runs"
+    return ApiSettings(
+        base_models=load_base_models(list(args.configs)), data_dir=data_dir, storage=storage,
+        address=args.address, api_keys_env=args.api_keys_env, host=args.host, port=args.port,
+        max_upload_bytes=int(float(args.max_upload_mb or 512) * 2**20), api_keys=read_api_keys(args.api_keys_env))
+
+
+def _configure_logging() -> None:
+    """Job transitions go to stdout, one timestamped line each."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _banner(settings: ApiSettings, where: str) -> str:
+    url = f"http://{settings.host}:{settings.port}/v1"
+    lines = [f"rayfine api: OpenAI-compatible fine-tuning jobs on {where}",
+             f"  listening on {url}  (openai.OpenAI(base_url=\"{url}\", api_key=...))",
+             "  base models:"]
+    for m in settings.base_models.values():
+        cfg = m.config
+        lines.append(f"    {m.name:<24} {cfg.task}, {cfg.model.name_or_path} ({m.config_path})")
+    lines += [f"  data: {settings.data_dir}", f"  run folders: {settings.storage}"]
+    if settings.api_keys:
+        lines.append(f"  auth: on (Authorization: Bearer KEY, keys from ${settings.api_keys_env})")
+    else:
+        lines.append(f"  auth: OFF: ${settings.api_keys_env} is not set, so anyone who reaches this port can "
+                     "upload files and start jobs")
+    return "\n".join(lines)
+
+
+def api_command(args: argparse.Namespace) -> int:
+    """Check the configs and the cluster, then serve until Ctrl-C."""
+    import uvicorn
+
+    from cluster.api.app import build_app
+    from cluster.jobs import JobsClient
+
+    settings = settings_from_args(args)
+    client = JobsClient(settings.address)  # UserError (exit 1) if the cluster cannot be reached
+    settings.storage.mkdir(parents=True, exist_ok=True)
+    app = build_app(settings, jobs_client=client)
+    _configure_logging()
+    where = settings.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "Ray"
+    print(_banner(settings, where), flush=True)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    except KeyboardInterrupt:
+        pass
+    print("rayfine api: stopped", flush=True)
+    return 0

@@ -1,0 +1,226 @@
+"""``rayfine api`` end to end: the real server process, a real Ray cluster (head + worker node, token auth) and
+the official ``openai`` package.
+
+One tiny BERT base model. In order: a malformed upload is refused naming its line; a job whose validation file
+has a label the training file lacks fails in validating_files; a job is cancelled once it runs as a Ray job
+(and its Ray job is stopped); a job runs to succeeded while the server is restarted mid-run (the restarted
+server reconciles it from Ray and the run folder); its fine-tuned model, run folder and checkpoints are
+checked; a final restart lists every job with the same status.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, sentiment_rows, write_jsonl
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.integration
+
+API_KEY = "sk-rayfine-test"
+BASE = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ApiServer:
+    """``rayfine api`` as a subprocess; ``restart`` keeps its data dir and port."""
+
+    def __init__(self, base_config: Path, ray_head, data_dir: Path, log: Path):
+        self.port = free_port()
+        self.log = log
+        self.cmd = [str(REPO / ".venv" / "bin" / "rayfine"), "api", f"{BASE}={base_config}",
+                    "--address", ray_head.address, "--data-dir", str(data_dir),
+                    "--storage", str(ray_head.storage / "api-runs"), "--port", str(self.port)]
+        self.env = dict(ray_head.env) | {"RAYFINE_API_KEYS": API_KEY}
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> None:
+        out = open(self.log, "a")
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.time() + 90
+        import httpx
+
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"rayfine api exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise AssertionError(f"rayfine api did not start:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="module")
+def api(ray_head, tiny_bert, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finetune-api")
+    default_train = write_jsonl(tmp / "default-train.jsonl", sentiment_rows(32, seed=9))
+    base = tmp / "tiny.yaml"
+    base.write_text(yaml.safe_dump({
+        "task": "sequence_classification",
+        "model": {"name_or_path": str(tiny_bert)},
+        "data": {"train": str(default_train), "max_seq_length": 32},
+        "training": {"epochs": 2, "learning_rate": 5e-3, "batch_size": 8, "warmup_ratio": 0.0,
+                     "log_every_steps": 2, "eval_every_steps": 0, "checkpoint_every_steps": 0},
+        "deepspeed": {"stage": 2},
+        "scaling": {"num_workers": 1, "use_gpu": False},
+    }))
+    server = ApiServer(base, ray_head, tmp / "data", tmp / "server.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def sdk(api):
+    return openai.OpenAI(base_url=api.url, api_key=API_KEY, max_retries=2)
+
+
+@pytest.fixture(scope="module")
+def jobs_client(ray_head):
+    """cluster.jobs.JobsClient in this process (it reads the cluster's token from the environment)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            if key in ray_head.env:
+                mp.setenv(key, ray_head.env[key])
+        from cluster.jobs import JobsClient
+
+        yield JobsClient(ray_head.address)
+
+
+def upload(sdk, rows: list[dict], name: str):
+    return sdk.files.create(file=(name, io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())),
+                            purpose="fine-tune")
+
+
+def wait_for(sdk, job_id: str, statuses: set[str], timeout: float):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = sdk.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(1)
+    events = [e.message for e in sdk.fine_tuning.jobs.list_events(job_id, limit=100)]
+    raise AssertionError(f"{job_id} is {job.status} after {timeout}s; events: {events}")
+
+
+def test_a_malformed_upload_is_refused_naming_the_line(sdk):
+    content = b'{"text": "fine", "label": "pos"}\n{"text": "no closing brace", "label": "neg"\n'
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.files.create(file=("broken.jsonl", io.BytesIO(content)), purpose="fine-tune")
+    assert err.value.status_code == 400 and err.value.code == "invalid_file"
+    assert "broken.jsonl" in err.value.message and "line 2: malformed JSON" in err.value.message
+
+
+def test_a_bad_validation_file_fails_the_job_in_validating_files(sdk):
+    train = upload(sdk, sentiment_rows(32, seed=1), "train.jsonl")
+    val = upload(sdk, sentiment_rows(2, seed=2) + [{"text": "the show was fine", "label": "neutral"}], "val.jsonl")
+    job = sdk.fine_tuning.jobs.create(model=BASE, training_file=train.id, validation_file=val.id)
+    assert job.status == "validating_files"
+    failed = wait_for(sdk, job.id, {"failed"}, timeout=30)
+    assert failed.error.code == "invalid_validation_file" and failed.error.param == "validation_file"
+    assert "line 3: label 'neutral' never appears in the training file" in failed.error.message
+    assert failed.fine_tuned_model is None
+
+
+def test_cancel_stops_the_ray_job(sdk, jobs_client):
+    train = upload(sdk, sentiment_rows(256, seed=3), "long-train.jsonl")
+    job = sdk.fine_tuning.jobs.create(model=BASE, training_file=train.id, hyperparameters={"n_epochs": 20})
+    deadline = time.time() + 60
+    while not any(e.message.startswith("Submitted to the Ray cluster")
+                  for e in sdk.fine_tuning.jobs.list_events(job.id, limit=50)):
+        assert time.time() < deadline, "the job was never submitted"
+        time.sleep(0.5)
+    cancelled = sdk.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    assert jobs_client.wait(f"rayfine-{job.id}", timeout=60).status == "STOPPED"
+    with pytest.raises(openai.BadRequestError):
+        sdk.fine_tuning.jobs.cancel(job.id)
+    assert "The job has been cancelled" in [e.message for e in sdk.fine_tuning.jobs.list_events(job.id)]
+
+
+def test_a_job_runs_to_succeeded_across_a_server_restart(api, sdk, jobs_client, ray_head):
+    train = upload(sdk, sentiment_rows(48, seed=4), "train.jsonl")
+    val = upload(sdk, sentiment_rows(16, seed=5), "val.jsonl")
+    job = sdk.fine_tuning.jobs.create(
+        model=BASE, training_file=train.id, validation_file=val.id, suffix="e2e", seed=11,
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 1.0}}})
+    wait_for(sdk, job.id, {"running"}, timeout=90)
+
+    api.stop()  # the job goes on without the server; the restarted server reconciles it
+    assert jobs_client.wait(f"rayfine-{job.id}", timeout=240).status == "SUCCEEDED"
+    api.start()
+
+    done = wait_for(sdk, job.id, {"succeeded", "failed"}, timeout=60)
+    assert done.status == "succeeded", done.error
+    expected = f"ft:{BASE}:e2e:{job.id}"
+    assert done.fine_tuned_model == expected and done.finished_at >= done.created_at
+    assert done.hyperparameters.n_epochs == 2 and done.hyperparameters.batch_size == 8 and done.seed == 11
+
+    run_dir = ray_head.storage / "api-runs" / job.id
+    assert json.loads((run_dir / "model" / "rayfine.json").read_text())["model_id"] == expected
+    assert expected in [m.id for m in sdk.models.list()]
+
+    events = [e for e in sdk.fine_tuning.jobs.list_events(job.id, limit=5)]  # paged 5 at a time
+    messages = [e.message for e in reversed(events)]  # oldest first
+    for text in ("Created fine-tuning job", "Validating training file", "Files validated",
+                 "Submitted to the Ray cluster", "Fine-tuning job started", "Step 2/12: training loss=",
+                 "final validation loss=", "Checkpoint created at step", "New fine-tuned model created",
+                 "The job has successfully completed"):
+        assert any(text in m for m in messages), f"no event with {text!r}:\n" + "\n".join(messages)
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and all(isinstance(e.data["step"], int) for e in metrics)
+
+    checkpoints = list(sdk.fine_tuning.jobs.checkpoints.list(job.id))
+    assert checkpoints, "no checkpoints recorded"
+    for ckpt in checkpoints:
+        assert ckpt.id.startswith("ftckpt-") and ckpt.fine_tuning_job_id == job.id
+        assert ckpt.fine_tuned_model_checkpoint == f"{expected}:ckpt-step-{ckpt.step_number}"
+        assert ckpt.metrics.step == ckpt.step_number
+    assert max(c.step_number for c in checkpoints) == 12  # 48 records / 8 per step x 2 epochs
+    assert checkpoints[0].metrics.full_valid_loss is not None
+
+    log = api.log.read_text()
+    assert f"{job.id}: queued -> running" in log and f"{job.id}: running -> succeeded" in log
+
+
+def test_a_restart_keeps_every_job_and_status(api, sdk):
+    before = {j.id: (j.status, j.fine_tuned_model) for j in sdk.fine_tuning.jobs.list(limit=100)}
+    assert sorted(s for s, _ in before.values()) == ["cancelled", "failed", "succeeded"]
+    api.restart()
+    after = {j.id: (j.status, j.fine_tuned_model) for j in sdk.fine_tuning.jobs.list(limit=100)}
+    assert after == before
+    assert len(list(sdk.files.list())) == 5
+    assert os.path.isfile(Path(api.cmd[api.cmd.index("--data-dir") + 1]) / "api.sqlite3")

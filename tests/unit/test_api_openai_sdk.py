@@ -1,0 +1,92 @@
+"""The official ``openai`` package against a real uvicorn server (no cluster): the wire format parses into the
+SDK's types, its pagination follows our cursors, and our errors become its typed exceptions."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import threading
+import time
+
+import openai
+import pytest
+import uvicorn
+
+from cluster.api.app import build_app
+from tests.conftest import sentiment_rows
+from tests.unit.test_api_http import make_settings
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """uvicorn on a free port in a thread; yields the base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def sdk(tmp_path):
+    app = build_app(make_settings(tmp_path, api_keys=frozenset({"sk-test"})))
+    with running_server(app) as url:
+        yield openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+
+
+def jsonl_file(rows: list[dict], name: str = "train.jsonl") -> tuple[str, io.BytesIO]:
+    return name, io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def test_files_through_the_sdk(sdk):
+    created = sdk.files.create(file=jsonl_file(sentiment_rows(10)), purpose="fine-tune")
+    assert created.id.startswith("file-") and created.purpose == "fine-tune" and created.status == "processed"
+    assert sdk.files.retrieve(created.id).bytes == created.bytes
+    assert [f.id for f in sdk.files.list()] == [created.id]
+    assert json.loads(sdk.files.content(created.id).text.splitlines()[0]) == sentiment_rows(10)[0]
+    assert sdk.files.delete(created.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve(created.id)
+
+
+def test_sdk_errors_are_typed(sdk, tmp_path):
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.files.create(file=("bad.jsonl", io.BytesIO(b'{"text": "a", "label": "x"}\nnot json\n')),
+                         purpose="fine-tune")
+    assert err.value.code == "invalid_file" and "line 2: malformed JSON" in err.value.message
+    with pytest.raises(openai.NotFoundError) as err:
+        sdk.fine_tuning.jobs.create(model="gpt-4o-mini", training_file="file-x")
+    assert "available base models: minilm" in err.value.message
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=str(sdk.base_url), api_key="wrong", max_retries=0).files.list()
+
+
+def test_jobs_events_and_pagination_through_the_sdk(sdk):
+    train = sdk.files.create(file=jsonl_file(sentiment_rows(20)), purpose="fine-tune")
+    val = sdk.files.create(file=jsonl_file([{"text": "so-so", "label": "neutral"}], "val.jsonl"), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(model="minilm", training_file=train.id, validation_file=val.id, suffix="demo",
+                                      hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 0.5},
+                                      metadata={"owner": "tests"})
+    assert job.status == "validating_files" and job.metadata == {"owner": "tests"}
+    assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.learning_rate_multiplier == 0.5
+    deadline = time.time() + 20
+    while (job := sdk.fine_tuning.jobs.retrieve(job.id)).status == "validating_files" and time.time() < deadline:
+        time.sleep(0.05)
+    assert job.status == "failed" and job.error.code == "invalid_validation_file"
+    assert "line 1: label 'neutral' never appears" in job.error.message
+    events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=1))  # the SDK follows `after` page by page
+    assert [e.message for e in events][-1] == f"Created fine-tuning job: {job.id}"
+    assert len(events) == 3 and events[0].level == "error"
+    assert [j.id for j in sdk.fine_tuning.jobs.list(limit=1)] == [job.id]
+    assert list(sdk.fine_tuning.jobs.checkpoints.list(job.id)) == []
+    with pytest.raises(openai.BadRequestError):
+        sdk.fine_tuning.jobs.cancel(job.id)
