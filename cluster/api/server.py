@@ -78,8 +78,7 @@ def api_command(args: argparse.Namespace) -> int:
     settings.storage.mkdir(parents=True, exist_ok=True)
     app = build_app(settings, jobs_client=client)
     _configure_logging()
-    where = settings.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "Ray"
-    print(_banner(settings, where), flush=True)
+    print(_banner(settings, client.address), flush=True)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     except KeyboardInterrupt:
