@@ -249,8 +249,9 @@ def _first_line(exc: Exception) -> str:
 def _auth_hint(exc: Exception) -> str:
     text = str(exc).lower()
     if "401" in text or "403" in text or "unauthorized" in text or "authentication" in text or "token" in text:
-        return ("\n  the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
-                "RAY_AUTH_TOKEN_PATH) to its token")
+        return ("\n  the cluster uses token authentication (the default for `ray start` clusters): export "
+                "RAY_AUTH_MODE=token, and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH unless the cluster's token is in "
+                "~/.ray/auth_token (on the head node: ray get-auth-token)")
     return ""
 
 
