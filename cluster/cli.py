@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="submit train/tune/run as a Ray job to a cluster (Ray Jobs API)")
-    _add_common(p, address_help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+    _add_common(p, address_help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)")
     p.add_argument("--command", default="train", choices=["train", "tune", "run"],
                    help="what the job runs (default: train)")
     p.add_argument("--wait", action="store_true",
@@ -82,14 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=text)
         p.add_argument("job_id", help="the job id that rayfine submit printed")
         p.add_argument("--address", default=None,
-                       help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+                       help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("api", help="the OpenAI-compatible fine-tuning jobs server")
     p.add_argument("configs", nargs="+", metavar="[NAME=]CONFIG",
                    help="base run configs users can fine-tune (model name: NAME, else the file's stem)")
     p.add_argument("--address", default=None,
-                   help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+                   help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)")
     p.add_argument("--data-dir", default="~/.rayfine/api", help="SQLite state and uploaded files")
     p.add_argument("--storage", default=None, metavar="DIR",
                    help="run folders, on storage the cluster shares (default: DATA_DIR/runs)")
