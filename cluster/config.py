@@ -242,11 +242,16 @@ class AutoscalingConfig(_Section):
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    proxy: Literal["haproxy", "python"] = Field(
+        "haproxy", description="HTTP ingress of a Ray instance rayfine starts: haproxy (Serve's HAProxy in front "
+        "of replicas that answer HTTP themselves) or python (Serve's Python HTTP proxy); a running cluster "
+        "keeps the one it was started with (RAY_SERVE_ENABLE_HA_PROXY in its env)")
     route_prefix: str = "/"
     num_replicas: Optional[int] = Field(None, ge=1, description="fixed replicas; None = 1 unless autoscaling")
     autoscaling: Optional[AutoscalingConfig] = None
     max_ongoing_requests: int = Field(32, ge=1, description="per replica")
-    max_queued_requests: int = Field(64, ge=-1, description="per caller; excess gets 503; -1 = unbounded")
+    max_queued_requests: int = Field(64, ge=-1, description="per replica with HAProxy, per proxy with the "
+                                     "Python proxy; excess gets 503; -1 = unbounded")
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0.0)
     request_timeout_s: float = Field(30.0, gt=0.0)

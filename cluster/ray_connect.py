@@ -49,6 +49,11 @@ def connect(address: str | None = None, num_workers: int = 1) -> str:
     if address:
         ray.init(address=address, **kwargs)
         return f"Ray cluster at {address}"
+    # Serve's HTTP ingress is fixed when Ray starts: serve.proxy's default (HAProxy) unless the env already
+    # chose (RAY_SERVE_ENABLE_HA_PROXY) or no HAProxy binary is installed; see serving.ingress.
+    from serving.ingress import use_ingress
+
+    use_ingress()
     # "local": a new instance even when `ray start` runs on this machine (join one with --address).
     ray.init(address="local", num_cpus=local_num_cpus(num_workers), include_dashboard=False, **kwargs)
     return f"local Ray ({local_num_cpus(num_workers)} logical CPUs)"

@@ -75,6 +75,11 @@ class ModelServer:
     # ---- encoder tasks: dynamic batching --------------------------------------------------------------
     async def predict(self, encoded: list) -> tuple[list, BatchInfo]:
         """Results for one request's inputs, and the largest model batch they ran in."""
+        # Let the requests that are ready to run enter the app (and in_flight) before this one decides it is
+        # alone. Behind HAProxy a request's body is often in hand already, so nothing else yields between a
+        # request's arrival and this line: without this, requests that arrived together would run here one
+        # after another, each finding itself alone, and never batch.
+        await asyncio.sleep(0)
         if self.in_flight == 1 and len(encoded) <= self.cfg.max_batch_size:
             # Alone in the replica: nobody to batch with, so skip the batch queue and its wait.
             outputs = self._run_batch(encoded)

@@ -21,13 +21,15 @@ from pydantic import ValidationError
 from cluster.config import ServeConfig, load_config, parse_overrides
 from cluster.errors import ConfigError, UserError
 from serving.app import DEPLOYMENT_NAME, bind_app, deployment_options
+from serving.ingress import HAPROXY_ENV, LABELS, active_ingress, check_ingress, use_ingress
 from serving.model_folder import ENDPOINT_TASKS, load_model_spec
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "rayfine"
 IMPORT_PATH = "serving.app:build_app"
-# The proxy's own timeout is a backstop for a wedged replica; the app answers 408 at request_timeout_s.
+# Serve's own timeout (the Python proxy's, or with HAProxy the replica's HTTP server's) is a backstop for a
+# wedged replica; the app answers 408 at request_timeout_s.
 PROXY_TIMEOUT_GRACE_S = 2.0
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
@@ -47,11 +49,12 @@ def serve_command(target: str, overrides: list[str], address: str | None, detach
         return 0
     from cluster.ray_connect import connect
 
-    use_error_shape_in_proxy()  # before Ray starts, if this call starts it
+    prepare_local_ray(cfg, address)  # before Ray starts, if this call starts it
     where = connect(address)
     url = deploy(model_dir, cfg, trust_remote_code=trust_remote_code, address=address)
     spec = load_model_spec(model_dir)
-    print(f"Serving {spec.model_id} ({spec.task}) on {where} at {url}")
+    ingress = LABELS.get(active_ingress() or "", "unknown")
+    print(f"Serving {spec.model_id} ({spec.task}) on {where} at {url} (HTTP ingress: {ingress})")
     for path in endpoints_for(spec.task):
         print(f"  {url}{path}")
     if os.environ.get(cfg.api_keys_env):
@@ -128,7 +131,7 @@ def deploy(model_dir: Path, serve_cfg: ServeConfig, *, name: str = APP_NAME, tru
 
     from cluster.ray_connect import connect
 
-    use_error_shape_in_proxy()
+    prepare_local_ray(serve_cfg, address)
     connect(address)
     port = start_serve(serve_cfg)
     keys = os.environ.get(serve_cfg.api_keys_env)
@@ -146,15 +149,30 @@ def deploy(model_dir: Path, serve_cfg: ServeConfig, *, name: str = APP_NAME, tru
         _deployed.append(name)
     url = f"http://{_public_host(serve_cfg.host, address)}:{port}{serve_cfg.route_prefix.rstrip('/')}"
     wait_until_healthy(url, timeout_s)
+    check_ingress(serve_cfg.proxy)  # a running instance may have another ingress than serve.proxy: say so
     return url
 
 
-def use_error_shape_in_proxy() -> None:
-    """Have Serve's proxy answer its own 503/408 in the JSON error shape (``serving.errors``).
+def prepare_local_ray(serve_cfg: ServeConfig, address: Optional[str] = None) -> None:
+    """Set the env that Serve's processes read when Ray starts (the error-shape callback, ``serve.proxy``).
 
-    Serve reads this env var when its proxy process starts, and Ray workers inherit the environment of the
-    process that starts Ray: so it takes effect when Ray starts after this call (``rayfine serve`` on a
-    local instance, the tests). Clusters started elsewhere set it in their containers' env.
+    Effective only when this process then starts Ray (``connect`` without an address); a running instance,
+    or the cluster that ``address`` / ``RAY_ADDRESS`` names, keeps what its own env chose.
+    """
+    import ray
+
+    use_error_shape_in_proxy()
+    if not (ray.is_initialized() or address or os.environ.get("RAY_ADDRESS")):
+        use_ingress(serve_cfg.proxy)
+
+
+def use_error_shape_in_proxy() -> None:
+    """Have Serve answer its own 503/408 in the JSON error shape (``serving.errors``).
+
+    The callback wraps the Python proxy's HTTP server and, with HAProxy, each replica's own. Serve reads this
+    env var when those processes start, and Ray workers inherit the environment of the process that starts
+    Ray: so it takes effect when Ray starts after this call (``rayfine serve`` on a local instance, the
+    tests). Clusters started elsewhere set it in their containers' env.
     """
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
 
@@ -235,8 +253,10 @@ _CONFIG_HEADER = """\
 # - model_dir must exist on every Ray node (shared volume or baked into the image).
 # - API keys: set ${api_keys_env} (comma-separated) in the Ray containers' env, e.g. from a Kubernetes
 #   Secret; keys never go in this file.
-# - JSON error bodies for the proxy's own 503/408: set
+# - JSON error bodies for Serve's own 503/408: set
 #   RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.errors:proxy_middlewares in the Ray containers' env.
+# - HTTP ingress (serve.proxy: {proxy}) is not part of this file: Serve reads it from the Ray containers' env
+#   when Ray starts: {haproxy_env}={haproxy_value}.
 """
 
 
@@ -269,5 +289,6 @@ def write_serve_config(model_dir: Path, cfg: ServeConfig, path: str | Path, *, n
     document = build_serve_config(spec.path, cfg, name=name, trust_remote_code=trust_remote_code)
     ServeDeploySchema.model_validate(document)  # what `serve deploy` will check, checked now
     header = _CONFIG_HEADER.format(model_id=spec.model_id, task=spec.task, path=path,
-                                   api_keys_env=cfg.api_keys_env)
+                                   api_keys_env=cfg.api_keys_env, proxy=cfg.proxy, haproxy_env=HAPROXY_ENV,
+                                   haproxy_value="1" if cfg.proxy == "haproxy" else "0")
     Path(path).write_text(header + yaml.safe_dump(document, sort_keys=False))

@@ -1,9 +1,10 @@
 """One error shape for every failure a client can see: OpenAI's ``{"error": {message, type, param, code}}``.
 
 Errors raised inside the app are ``ServingError`` and become JSON responses in the router. A few errors are
-produced by Ray Serve's HTTP proxy before a request reaches the app (backpressure from
-``max_queued_requests``: 503; the proxy's ``request_timeout_s``: 408); the proxy writes those as plain
-text, so ``ErrorShapeMiddleware`` (installed in the proxy) rewrites them into the same JSON shape.
+produced by Ray Serve itself before a request reaches the app (backpressure from ``max_queued_requests``:
+503; Serve's ``request_timeout_s``: 408): by its Python HTTP proxy, or with HAProxy (``serve.proxy``) by the
+replica's own HTTP server. Serve writes those as plain text, so ``ErrorShapeMiddleware`` (installed in
+either server from the same env var) rewrites them into the same JSON shape.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ _PROXY_CODES = {404: "not_found", 408: "request_timeout", 429: "too_many_request
 
 
 class ErrorShapeMiddleware:
-    """ASGI middleware for Serve's HTTP proxy: rewrite its plain-text errors (404, 408, 503, ...) as JSON.
+    """ASGI middleware for Serve's HTTP servers (the Python proxy's, and with HAProxy each replica's): rewrite
+    Serve's plain-text errors (404, 408, 503, ...) as JSON.
 
     Responses from the app are JSON already and pass through untouched (only the first message of each
     response is inspected). Serve installs it from the env var ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=

@@ -1,9 +1,10 @@
 """Prometheus metrics (``ray.util.metrics``) and structured access logs for the serving app.
 
 Ray exports these on each node's metrics port with a ``ray_`` prefix (e.g.
-``ray_rayfine_serve_requests_total``); the PodMonitor in k8s/ scrapes them. Requests that Serve's proxy
-rejects before they reach the app (backpressure 503, proxy timeout 408) appear in Serve's own
-``ray_serve_num_http_error_requests_total`` instead.
+``ray_rayfine_serve_requests_total``); the PodMonitor in k8s/ scrapes them. Requests that Serve rejects
+before they reach the app (backpressure 503, Serve's timeout 408) appear in Serve's own
+``ray_serve_num_http_error_requests_total`` instead (emitted by the Python proxy, or with HAProxy by Serve's
+HAProxy manager).
 
 Access log: one JSON object per request on the replica's stderr, via the ``rayfine.serving.access``
 logger, e.g. ``{"ts": ..., "request_id": "...", "method": "POST", "path": "/v1/classify", "status": 200,

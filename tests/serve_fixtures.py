@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 from pathlib import Path
 
 from serving.deploy import use_error_shape_in_proxy
+from serving.ingress import use_ingress
 
-# Serve's proxy reads this env var when it starts, and Ray's workers inherit the environment of the process
-# that starts Ray: set it at import (test collection), before any test of the session starts Ray.
+# Serve reads these env vars when its processes start, and Ray's workers inherit the environment of the process
+# that starts Ray: set them at import (test collection), before any test of the session starts Ray.
+# RAYFINE_SERVE_PROXY=python|haproxy picks the HTTP ingress of the session (default: serve.proxy's default);
+# SERVE_PROXY is the one it gets.
 use_error_shape_in_proxy()
+SERVE_PROXY = use_ingress(os.environ.get("RAYFINE_SERVE_PROXY") or None)
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 CLS_LABELS = ["negative", "positive"]

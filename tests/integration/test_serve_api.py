@@ -1,6 +1,9 @@
 """The HTTP API of every task on a real local Ray Serve: endpoints, streaming, the openai client, auth, errors.
 
-One Ray + Serve for the module, one app per tiny model (route prefixes /cls, /ner, /qa, /lm, /auth).
+One Ray + Serve for the module, one app per tiny model (route prefixes /cls, /ner, /qa, /lm, /lora, /auth),
+deployed when a test first asks for it. The session's HTTP ingress is ``serve.proxy``'s default unless
+RAYFINE_SERVE_PROXY says otherwise (``tests.serve_fixtures``); test_serve_ingress.py runs the tests whose
+answers come from the ingress itself under the other one.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import httpx
 import pytest
 
-from tests.serve_fixtures import CLS_LABELS, build_tiny_models, free_port, start_ray, stop_ray
+from tests.serve_fixtures import CLS_LABELS, SERVE_PROXY, build_tiny_models, free_port, start_ray, stop_ray
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +29,22 @@ def models(tmp_path_factory):
     return build_tiny_models(tmp_path_factory.mktemp("serve-models"))
 
 
+APP_TASKS = {"cls": "sequence_classification", "ner": "token_classification", "qa": "question_answering",
+             "lm": "causal_lm", "lora": "causal_lm_lora", "auth": "sequence_classification"}
+
+
+class Apps(dict):
+    """App name -> base URL; each app is deployed on first use, so a run of a few tests deploys only theirs."""
+
+    def __init__(self, deploy_app):
+        super().__init__()
+        self._deploy_app = deploy_app
+
+    def __missing__(self, name: str) -> str:
+        self[name] = self._deploy_app(name)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def urls(models):
     from cluster.config import ServeConfig
@@ -33,19 +52,21 @@ def urls(models):
 
     owner = start_ray()
     port = free_port()
-    common = dict(port=port, cpus_per_replica=0.5, threads_per_replica=1, max_input_tokens=64, max_new_tokens=32)
-    try:
-        out = {}
-        for name, task in [("cls", "sequence_classification"), ("ner", "token_classification"),
-                           ("qa", "question_answering"), ("lm", "causal_lm"), ("lora", "causal_lm_lora")]:
-            out[name] = deploy(models[task], ServeConfig(route_prefix=f"/{name}", **common), name=name)
+    common = dict(port=port, cpus_per_replica=0.5, threads_per_replica=1, max_input_tokens=64, max_new_tokens=32,
+                  proxy=SERVE_PROXY)
+
+    def deploy_app(name: str) -> str:
+        if name != "auth":
+            return deploy(models[APP_TASKS[name]], ServeConfig(route_prefix=f"/{name}", **common), name=name)
         os.environ[KEYS_ENV] = f"other-key, {KEY}"  # read by deploy, handed to the replicas' runtime_env
         try:
-            out["auth"] = deploy(models["sequence_classification"],
-                                 ServeConfig(route_prefix="/auth", api_keys_env=KEYS_ENV, **common), name="auth")
+            return deploy(models[APP_TASKS[name]], ServeConfig(route_prefix="/auth", api_keys_env=KEYS_ENV, **common),
+                          name=name)
         finally:
             del os.environ[KEYS_ENV]
-        yield out
+
+    try:
+        yield Apps(deploy_app)
     finally:
         stop_ray(owner)
 
@@ -67,6 +88,13 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 
 
 # ---- task endpoints ---------------------------------------------------------------------------------------
+
+def test_serve_runs_the_configured_ingress(urls):
+    from serving.ingress import active_ingress
+
+    urls["cls"]  # Serve's proxies start with the first app
+    assert active_ingress() == SERVE_PROXY
+
 
 def test_healthz_and_models(urls, client):
     for name, model_id in [("cls", "tiny-cls"), ("ner", "tiny-ner"), ("qa", "tiny-qa"), ("lm", LM_ID)]:
@@ -118,8 +146,11 @@ def test_endpoint_of_another_task_is_404(urls, client):
     assert_error(client.post(f"{urls['cls']}/v1/chat/completions", json={"model": "x", "messages": []}), 404)
     assert_error(client.get(f"{urls['cls']}/no/such/path"), 404, "not_found")
     assert_error(client.get(f"{urls['cls']}/v1/classify"), 405)
-    # No app at this prefix: Serve's proxy answers, and its plain-text 404 is reshaped too.
-    assert_error(client.get(urls["cls"].replace("/cls", "/nowhere/v1/models")), 404, "not_found")
+    nowhere = client.get(urls["cls"].replace("/cls", "/nowhere/v1/models"))
+    if SERVE_PROXY == "python":  # no app at this prefix: the proxy answers, and its plain-text 404 is reshaped
+        assert_error(nowhere, 404, "not_found")
+    else:  # HAProxy answers from its own config: the status is right, the body is its plain text
+        assert nowhere.status_code == 404 and "not found" in nowhere.text, nowhere.text
 
 
 # ---- causal LM: OpenAI wire format ---------------------------------------------------------------------------

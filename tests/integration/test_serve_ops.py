@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.serve_fixtures import build_tiny_models, free_port, start_ray, stop_ray
+from tests.serve_fixtures import SERVE_PROXY, build_tiny_models, free_port, start_ray, stop_ray
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,8 @@ def deploy_app(models, port, task, name, **serve):
     from cluster.config import ServeConfig
     from serving.deploy import deploy
 
-    cfg = ServeConfig(port=port, route_prefix=f"/{name}", cpus_per_replica=0.5, threads_per_replica=1, **serve)
+    cfg = ServeConfig(port=port, route_prefix=f"/{name}", cpus_per_replica=0.5, threads_per_replica=1,
+                      proxy=SERVE_PROXY, **serve)
     return deploy(models[task], cfg, name=name)
 
 
@@ -143,6 +144,7 @@ def test_killed_replica_is_replaced(models, serve_port):
 
 def test_serve_command_detached_reuses_the_running_serve(models, serve_port, capsys):
     from serving.deploy import serve_command
+    from serving.ingress import LABELS
 
     folder = models["question_answering"]
     code = serve_command(str(folder), ["serve.route_prefix=/cli", f"serve.port={free_port()}",
@@ -150,6 +152,7 @@ def test_serve_command_detached_reuses_the_running_serve(models, serve_port, cap
     assert code == 0
     out = capsys.readouterr().out
     assert f"http://127.0.0.1:{serve_port}/cli/v1/qa" in out  # the running proxy's port, not the requested one
+    assert f"(HTTP ingress: {LABELS[SERVE_PROXY]})" in out
     assert httpx.get(f"http://127.0.0.1:{serve_port}/cli/healthz").json()["task"] == "question_answering"
 
 
@@ -167,6 +170,7 @@ def test_config_out_for_a_model_folder(models, tmp_path):
     assert code == 0
     text = out.read_text()
     assert text.startswith("# Ray Serve config")
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in text  # serve.proxy's default, which the Ray containers' env sets
     document = yaml.safe_load(text)
     ServeDeploySchema.model_validate(document)
     assert document["http_options"]["port"] == 9000
