@@ -104,7 +104,7 @@ def measure_ingress(proxy: str, model_dir: Path, texts: list[str], concurrencies
                     replica_threads: int | None) -> dict[str, list[dict]]:
     """{"<label>@<concurrency>": [summary, ...]} for Serve behind ``proxy`` and for the direct call beside it;
     starts and stops its own Ray instance."""
-    from serving.ingress import active_ingress, use_ingress
+    from cluster.ingress import active_ingress, use_ingress
 
     if use_ingress(proxy) != proxy:  # before Ray starts; an explicit env or a missing binary would differ
         raise SystemExit(f"serve.proxy: {proxy} is not available here")
@@ -133,7 +133,7 @@ def measure_ingress(proxy: str, model_dir: Path, texts: list[str], concurrencies
 
 def run_child(proxy: str, model_dir: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
     """``measure_ingress`` in a fresh process: Serve's ingress env must be in place before Ray starts."""
-    from serving.ingress import LOCAL_ENV
+    from cluster.ingress import LOCAL_ENV
 
     env = {key: value for key, value in os.environ.items() if key not in LOCAL_ENV and key != "RAY_ADDRESS"}
     env.update(pair.split("=", 1) for pair in args.serve_env)

@@ -20,7 +20,7 @@ def local_num_cpus(num_workers: int = 1) -> int:
     return max(cores, num_workers + 1)
 
 
-def connect(address: str | None = None, num_workers: int = 1) -> str:
+def connect(address: str | None = None, num_workers: int = 1, serve_proxy: str | None = None) -> str:
     """Start or join Ray and return a description of where we are running.
 
     Workers' own logs stay in Ray's log folder unless RAYFINE_VERBOSE=1: the terminal shows the run's
@@ -50,10 +50,10 @@ def connect(address: str | None = None, num_workers: int = 1) -> str:
         ray.init(address=address, **kwargs)
         return f"Ray cluster at {address}"
     # Serve's HTTP ingress is fixed when Ray starts: serve.proxy's default (HAProxy) unless the env already
-    # chose (RAY_SERVE_ENABLE_HA_PROXY) or no HAProxy binary is installed; see serving.ingress.
-    from serving.ingress import use_ingress
+    # chose (RAY_SERVE_ENABLE_HA_PROXY) or no HAProxy binary is installed; see cluster.ingress.
+    from cluster.ingress import use_ingress
 
-    use_ingress()
+    use_ingress(serve_proxy)  # serve.proxy of the run's config: `rayfine run` serves on the Ray it trains on
     # "local": a new instance even when `ray start` runs on this machine (join one with --address).
     ray.init(address="local", num_cpus=local_num_cpus(num_workers), include_dashboard=False, **kwargs)
     return f"local Ray ({local_num_cpus(num_workers)} logical CPUs)"

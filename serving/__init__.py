@@ -6,7 +6,6 @@
     completions.py   OpenAI chat/completions, SSE streaming
     protocol.py      pydantic request/response models (the HTTP edge)
     errors.py        the one error shape, and the proxy middleware that applies it to Serve's own errors
-    ingress.py       Serve's HTTP ingress (serve.proxy): HAProxy or the Python proxy, chosen before Ray starts
     model_folder.py  reading the model folder contract (rayfine.json, task inference, default chat template)
     encoders.py      classification / NER / QA logic with length-bucketed batches (no HTTP)
     generation.py    causal LM sampling, stop sequences, streaming deltas (no HTTP)

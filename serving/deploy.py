@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from cluster.config import ServeConfig, load_config, parse_overrides
 from cluster.errors import ConfigError, UserError
 from serving.app import DEPLOYMENT_NAME, bind_app, deployment_options
-from serving.ingress import HAPROXY_ENV, LABELS, active_ingress, check_ingress, use_ingress
+from cluster.ingress import HAPROXY_ENV, LABELS, active_ingress, check_ingress, use_ingress
 from serving.model_folder import ENDPOINT_TASKS, load_model_spec
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from serving.deploy import use_error_shape_in_proxy
-from serving.ingress import use_ingress
+from cluster.ingress import use_ingress
 
 # Serve reads these env vars when its processes start, and Ray's workers inherit the environment of the process
 # that starts Ray: set them at import (test collection), before any test of the session starts Ray.

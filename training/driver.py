@@ -259,7 +259,7 @@ def train(cfg: RunConfig, address: str | None = None) -> TrainResult:
     from training.preflight import summarize_data
     from training.progress import quiet_ray_data
 
-    where = connect(address, num_workers=cfg.scaling.num_workers)
+    where = connect(address, num_workers=cfg.scaling.num_workers, serve_proxy=cfg.serve.proxy)
     quiet_ray_data()
     print(f"rayfine train: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
     print("Checking the data ...", flush=True)

@@ -269,7 +269,7 @@ def run_preflight(cfg: RunConfig, address: str | None = None) -> DataSummary:
     from cluster.ray_connect import connect
     from training.progress import quiet_ray_data
 
-    where = connect(address, num_workers=cfg.scaling.num_workers)
+    where = connect(address, num_workers=cfg.scaling.num_workers, serve_proxy=cfg.serve.proxy)
     quiet_ray_data()
     print(f"Validating {cfg.output.name} on {where} ...", flush=True)
     summary = summarize_data(cfg)

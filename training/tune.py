@@ -374,7 +374,8 @@ def tune_command(cfg: RunConfig, address: str | None = None) -> TuneResult:
     t = cfg.tune
     local = not (address or os.environ.get("RAY_ADDRESS"))
     # A local instance gets CPUs for max_concurrent_trials Train runs (workers + Ray Data each).
-    where = connect(address, num_workers=int(t.max_concurrent_trials * cpus_per_trial(cfg)) - 1)
+    where = connect(address, num_workers=int(t.max_concurrent_trials * cpus_per_trial(cfg)) - 1,
+                    serve_proxy=cfg.serve.proxy)
     quiet_ray_data()
     print(f"rayfine tune: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
     print("Checking the data ...", flush=True)

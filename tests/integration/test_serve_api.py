@@ -90,7 +90,7 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 # ---- task endpoints ---------------------------------------------------------------------------------------
 
 def test_serve_runs_the_configured_ingress(urls):
-    from serving.ingress import active_ingress
+    from cluster.ingress import active_ingress
 
     urls["cls"]  # Serve's proxies start with the first app
     assert active_ingress() == SERVE_PROXY

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.ingress import LOCAL_ENV, haproxy_binary
+from cluster.ingress import LOCAL_ENV, haproxy_binary
 from tests.serve_fixtures import SERVE_PROXY
 
 pytestmark = pytest.mark.integration

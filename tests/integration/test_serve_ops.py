@@ -144,7 +144,7 @@ def test_killed_replica_is_replaced(models, serve_port):
 
 def test_serve_command_detached_reuses_the_running_serve(models, serve_port, capsys):
     from serving.deploy import serve_command
-    from serving.ingress import LABELS
+    from cluster.ingress import LABELS
 
     folder = models["question_answering"]
     code = serve_command(str(folder), ["serve.route_prefix=/cli", f"serve.port={free_port()}",

@@ -13,8 +13,8 @@ import yaml
 
 from cluster.config import ServeConfig, load_config
 from cluster.errors import ConfigError
-from serving import ingress
-from serving.ingress import HAPROXY_ENV, LOCAL_ENV, haproxy_binary, use_ingress
+from cluster import ingress
+from cluster.ingress import HAPROXY_ENV, LOCAL_ENV, haproxy_binary, use_ingress
 from tests.conftest import REPO
 
 
@@ -69,7 +69,7 @@ def test_an_explicit_env_wins_over_the_config(clean_env):
 def test_no_binary_falls_back_to_the_python_proxy_with_a_notice(clean_env, caplog):
     clean_env.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/nonexistent/haproxy")
     assert haproxy_binary() is None
-    with caplog.at_level(logging.WARNING, logger="serving.ingress"):
+    with caplog.at_level(logging.WARNING, logger="cluster.ingress"):
         assert use_ingress("haproxy") == "python"
     assert ingress.os.environ[HAPROXY_ENV] == "0"
     [record] = caplog.records
