@@ -214,17 +214,20 @@ class TrainRunSweeper(Callback):
         if time.time() < self.pending_until and time.time() - self.last > self.interval_s:
             self.sweep()
 
-    def sweep(self, wait_s: float = 0.0) -> None:
+    def sweep(self, wait_s: float = 0.0, end_leftovers: bool = False) -> None:
         self.last = time.time()
         try:
-            sweep_stopped_train_runs(wait_s)
+            sweep_stopped_train_runs(wait_s, end_leftovers)
         except Exception:  # a private GCS view: never let it stop the search
             logger.warning("could not sweep stopped Train runs", exc_info=True)
 
 
-def sweep_stopped_train_runs(wait_s: float = 0.0) -> int:
+def sweep_stopped_train_runs(wait_s: float = 0.0, end_leftovers: bool = False) -> int:
     """Remove the worker placement groups of Train runs whose controller died; returns how many. With
     ``wait_s``, keep sweeping (each second, up to that long) until no Train controller of this job is alive.
+    With ``end_leftovers`` (once the search is over, so no trial is running), a controller of this job on this
+    node that is still alive after that wait is ended, then swept like the others: under load, the controller
+    of a trial stopped in the search's last moments was seen to outlive its trial.
 
     A trial that ASHA stops is killed, and its Train controller with it, but a placement group lives until
     both its creator actor and the job are gone: the workers' CPUs would stay reserved and later trials wait
@@ -242,8 +245,20 @@ def sweep_stopped_train_runs(wait_s: float = 0.0) -> int:
         removed += _sweep_once(actors, here)
         alive = [a for a in actors.values() if a["ActorClassName"] == "TrainController" and a["State"] != "DEAD"
                  and a["JobID"] == here.get_job_id()]
-        if not alive or time.time() >= deadline:
+        if not alive:
             return removed
+        if time.time() >= deadline:
+            if not end_leftovers:
+                return removed
+            end_leftovers = False
+            deadline = time.time() + 10
+            for info in alive:
+                pid = info.get("Pid") or 0
+                if info["Address"].get("NodeID") == here.get_node_id() and int(pid) > 0 and pid != os.getpid():
+                    try:
+                        os.kill(int(pid), signal.SIGTERM)
+                    except (ProcessLookupError, ValueError):
+                        pass
         time.sleep(1.0)
 
 
@@ -403,7 +418,8 @@ def tune_command(cfg: RunConfig, address: str | None = None) -> TuneResult:
     with quiet_tune(), interrupt_marker() as interrupted:
         results = tuner.fit()
         was_interrupted = interrupted()
-    TrainRunSweeper().sweep(wait_s=30)  # the last trials' runs, before export, serving or a restore
+    # The last trials' runs, before export, serving or a restore.
+    TrainRunSweeper().sweep(wait_s=30, end_leftovers=True)
     if was_interrupted or results.num_terminated + results.num_errors < len(results):
         print(f"\nSearch interrupted after {time.time() - started:.0f}s; its state is saved in {tune_dir}. "
               "Run the same command again to resume it (finished trials are not re-run).", flush=True)

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -109,14 +110,30 @@ def sdk(api):
 
 @pytest.fixture(scope="module")
 def jobs_client(ray_head):
-    """cluster.jobs.JobsClient in this process (it reads the cluster's token from the environment)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-            if key in ray_head.env:
-                mp.setenv(key, ray_head.env[key])
-        from cluster.jobs import JobsClient
+    """The Ray job's own status, asked with ``rayfine status`` in a subprocess that has the cluster's token
+    (Ray reads the auth mode once per process, so this process, whose Ray talked to token-less local
+    instances, cannot switch)."""
+    return RayJobs(ray_head)
 
-        yield JobsClient(ray_head.address)
+
+class RayJobs:
+    def __init__(self, ray_head):
+        self.ray_head = ray_head
+
+    def status(self, job_id: str) -> str:
+        out = subprocess.run([str(Path(sys.executable).parent / "rayfine"), "status", job_id, "--address",
+                              self.ray_head.address], env=self.ray_head.env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()[0].split(": ", 1)[1].strip()
+
+    def wait(self, job_id: str, timeout: float) -> str:
+        deadline = time.time() + timeout
+        while True:
+            status = self.status(job_id)
+            if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.time() >= deadline:
+                return status
+            time.sleep(2)
 
 
 def upload(sdk, rows: list[dict], name: str):
@@ -164,7 +181,7 @@ def test_cancel_stops_the_ray_job(sdk, jobs_client):
         time.sleep(0.5)
     cancelled = sdk.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
-    assert jobs_client.wait(f"rayfine-{job.id}", timeout=60).status == "STOPPED"
+    assert jobs_client.wait(f"rayfine-{job.id}", timeout=60) == "STOPPED"
     with pytest.raises(openai.BadRequestError):
         sdk.fine_tuning.jobs.cancel(job.id)
     assert "The job has been cancelled" in [e.message for e in sdk.fine_tuning.jobs.list_events(job.id)]
@@ -180,7 +197,7 @@ def test_a_job_runs_to_succeeded_across_a_server_restart(api, sdk, jobs_client, 
     wait_for(sdk, job.id, {"running"}, timeout=90)
 
     api.stop()  # the job goes on without the server; the restarted server reconciles it
-    assert jobs_client.wait(f"rayfine-{job.id}", timeout=240).status == "SUCCEEDED"
+    assert jobs_client.wait(f"rayfine-{job.id}", timeout=240) == "SUCCEEDED"
     api.start()
 
     done = wait_for(sdk, job.id, {"succeeded", "failed"}, timeout=60)
