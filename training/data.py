@@ -12,7 +12,6 @@ import csv
 import glob
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from cluster.config import RunConfig
+from cluster.jsonl import parse_record
 from cluster.errors import UserError
 from training.formats import iter_conll, iter_squad, looks_like_json_document
 from training.tasks.base import LabelSpace, ParseError
@@ -102,17 +102,8 @@ def iter_raw_records(path: str, fmt: str) -> Iterator[tuple[int, dict | None, st
     if fmt == "jsonl":
         with _open_text(path) as f:
             for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield lineno, None, f"malformed JSON ({exc.msg} at column {exc.colno})"
-                    continue
-                if not isinstance(record, dict):
-                    yield lineno, None, f"expected a JSON object, got {type(record).__name__}"
-                else:
-                    yield lineno, record, None
+                if line.strip():
+                    yield lineno, *parse_record(line)
     elif fmt == "csv":
         with _open_text(path) as f:
             delimiter = "\t" if path.endswith(".tsv") else ","

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from cluster.config import RunConfig
+from cluster.jsonl import parse_record
 
 MAX_PROBLEMS = 20
 
@@ -35,17 +36,8 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Optional[dict], Optional[str]]
             except UnicodeDecodeError as exc:
                 yield lineno, None, f"not UTF-8 text (byte {exc.start + 1} of the line)"
                 continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, None, f"malformed JSON ({exc.msg} at column {exc.colno})"
-                continue
-            if not isinstance(record, dict):
-                yield lineno, None, f"expected a JSON object, got {type(record).__name__}"
-            else:
-                yield lineno, record, None
+            if line.strip():
+                yield lineno, *parse_record(line)
 
 
 @dataclass
