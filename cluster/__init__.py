@@ -1,3 +1,5 @@
-"""rayfine control plane: configuration, CLI, connecting to Ray, job submission."""
+"""rayfine's top layer: the CLI, the ``run`` pipeline, Ray job submission and the fine-tuning jobs API.
 
-__version__ = "0.1.0"
+It starts or joins Ray (``cluster.ray_start``) and calls into ``training`` and ``serving``, which import only
+``core``.
+"""

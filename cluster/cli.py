@@ -1,7 +1,8 @@
 """The ``rayfine`` command line.
 
-Each verb is a thin wrapper: parse arguments, load the typed config, call into ``training`` or ``serving``
-(imported lazily, so ``rayfine --help`` and ``rayfine validate`` stay light). Exit codes: 0 ok, 1 user error
+Each verb is a thin wrapper: parse arguments, load the typed config, start or join Ray (``start_ray``, the
+only place that does), then call into ``training`` or ``serving`` (imported lazily, so ``rayfine --help``
+stays light). The libraries log; ``cluster.console`` prints their lines. Exit codes: 0 ok, 1 user error
 (message, no traceback), 2 usage, anything else is a bug.
 """
 
@@ -11,8 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from cluster import __version__
-from cluster.errors import UserError
+from cluster.console import install_console
+from cluster.ray_start import start_ray
+from core import __version__
+from core.config import load_config
+from core.errors import UserError
+from core.ray_connect import is_local
 
 
 def _add_common(p: argparse.ArgumentParser, config: bool = True, address_help: str | None = None) -> None:
@@ -103,48 +108,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cluster.config import load_config
     from training.preflight import run_preflight
 
     cfg = load_config(args.config, args.overrides)
-    run_preflight(cfg, address=args.address)
+    where = start_ray(args.address, num_workers=cfg.scaling.num_workers, serve_proxy=cfg.serve.proxy)
+    print(f"Validating {cfg.output.name} on {where} ...", flush=True)
+    run_preflight(cfg)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.config import load_config
     from training.driver import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, address=args.address)
+    where = start_ray(args.address, num_workers=cfg.scaling.num_workers, serve_proxy=cfg.serve.proxy)
+    print(f"rayfine train: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
+    train(cfg)
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from cluster.config import load_config
-    from training.tune import tune_command
+    from training.tune import build_param_space, local_workers, tune_command
 
-    tune_command(load_config(args.config, args.overrides), address=args.address)
+    cfg = load_config(args.config, args.overrides)
+    build_param_space(cfg.tune.search_space)  # an empty search space is an error before Ray starts
+    where = start_ray(args.address, num_workers=local_workers(cfg), serve_proxy=cfg.serve.proxy)
+    print(f"rayfine tune: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
+    tune_command(cfg, local=is_local(args.address))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cluster.config import load_config
     from training.evaluate import evaluate_command
 
     cfg = load_config(args.config, args.overrides)
-    evaluate_command(cfg, Path(args.model), data=args.data, output=args.output, address=args.address)
+    start_ray(args.address)
+    evaluate_command(cfg, Path(args.model), data=args.data, output=args.output)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.deploy import serve_command
+    from cluster.serve_command import serve_command
 
     return serve_command(args.target, args.overrides, args.address, args.detach, args.config_out)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cluster.config import load_config
     from cluster.pipeline import run_all
 
     cfg = load_config(args.config, args.overrides)
@@ -152,7 +161,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cluster.config import load_config
     from cluster.jobs import submit_command
 
     cfg = load_config(args.config, args.overrides)
@@ -181,6 +189,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    install_console()
     try:
         return args.func(args)
     except UserError as exc:

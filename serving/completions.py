@@ -13,21 +13,29 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serving.errors import ServingError, error_body
+from core.openai_errors import error_body
+from serving.errors import ServingError, check_model
 from serving.generation import Finished, SamplingParams
-from serving.protocol import (ChatCompletionRequest, CompletionRequest, Usage, chat_chunk, chat_response,
-                              completion_chunk, completion_response, new_id, usage_chunk)
+from serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Usage,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    new_id,
+    usage_chunk,
+)
 
 ENDPOINT_CHAT = "/v1/chat/completions"
 ENDPOINT_COMPLETIONS = "/v1/completions"
 
 
 def add_routes(app: FastAPI, server) -> None:
-    from serving.router import check_model
-
     @app.post(ENDPOINT_CHAT)
     async def chat(body: ChatCompletionRequest):
-        check_model(server, body.model)
+        check_model(body.model, server.spec.model_id)
         deadline = time.monotonic() + server.cfg.request_timeout_s
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompts = [server.model.encode_chat(messages)]
@@ -35,7 +43,7 @@ def add_routes(app: FastAPI, server) -> None:
 
     @app.post(ENDPOINT_COMPLETIONS)
     async def complete(body: CompletionRequest):
-        check_model(server, body.model)
+        check_model(body.model, server.spec.model_id)
         deadline = time.monotonic() + server.cfg.request_timeout_s
         prompts = [server.model.encode_prompt(p) for p in body.prompts()]
         return await _respond(server, body, prompts, deadline, chat=False)

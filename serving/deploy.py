@@ -1,27 +1,26 @@
-"""``rayfine serve``: deploy a model folder on Ray Serve, or write the equivalent Serve config file.
+"""Deploying a model folder on a running Ray (Serve started if needed), or writing the equivalent Serve config.
 
-    rayfine serve runs/my_run/model [--set serve.port=8080] [--detach]
-    rayfine serve my_run.yaml                    # serves output.dir/output.name/model with its serve: section
-    rayfine serve my_run.yaml --config-out serve.yaml   # for `serve deploy` or a RayService serveConfigV2
+The ``rayfine serve`` verb (``cluster.serve_command``) starts or joins Ray, then calls ``deploy``; ``rayfine
+serve ... --config-out FILE`` calls ``write_serve_config`` (for ``serve deploy`` or a RayService's
+``serveConfigV2``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import ValidationError
 
-from cluster.config import ServeConfig, load_config, parse_overrides
-from cluster.errors import ConfigError, UserError
+from core.config import ServeConfig
+from core.errors import UserError
+from core.ray_private import HAPROXY_ENV, PROXY_CALLBACK_ENV, serve_http_port
 from serving.app import DEPLOYMENT_NAME, bind_app, deployment_options
-from cluster.ingress import HAPROXY_ENV, LABELS, active_ingress, check_ingress, use_ingress
+from serving.errors import PROXY_CALLBACK
 from serving.model_folder import ENDPOINT_TASKS, load_model_spec
 
 logger = logging.getLogger(__name__)
@@ -32,95 +31,18 @@ IMPORT_PATH = "serving.app:build_app"
 # wedged replica; the app answers 408 at request_timeout_s.
 PROXY_TIMEOUT_GRACE_S = 2.0
 
-PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-PROXY_CALLBACK = "serving.errors:proxy_middlewares"
-
 _deployed: list[str] = []  # apps this process deployed, for shutdown()
 
 
-def serve_command(target: str, overrides: list[str], address: str | None, detach: bool,
-                  config_out: str | None) -> int:
-    """The ``rayfine serve`` verb. Returns the exit code."""
-    model_dir, cfg, trust_remote_code = resolve_target(target, overrides)
-    if config_out:
-        write_serve_config(model_dir, cfg, config_out, trust_remote_code=trust_remote_code)
-        print(f"wrote {config_out}: run it with `serve deploy {config_out}` on a cluster where rayfine is "
-              "installed, or embed it in a RayService's serveConfigV2")
-        return 0
-    from cluster.ray_connect import connect
-
-    prepare_local_ray(cfg, address)  # before Ray starts, if this call starts it
-    where = connect(address)
-    url = deploy(model_dir, cfg, trust_remote_code=trust_remote_code, address=address)
-    spec = load_model_spec(model_dir)
-    ingress = LABELS.get(active_ingress() or "", "unknown")
-    print(f"Serving {spec.model_id} ({spec.task}) on {where} at {url} (HTTP ingress: {ingress})")
-    for path in endpoints_for(spec.task):
-        print(f"  {url}{path}")
-    if os.environ.get(cfg.api_keys_env):
-        print(f"  auth: on (Authorization: Bearer KEY, keys from ${cfg.api_keys_env})")
-    if detach:
-        if not (address or os.environ.get("RAY_ADDRESS")):
-            print("note: --detach with a local Ray instance: serving stops when this command exits; "
-                  "start a cluster (`ray start --head`) and pass --address to keep it running")
-        return 0
-    print("Ctrl-C to stop")
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `docker stop`, `kill`: stop as cleanly as Ctrl-C
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping")
-        shutdown()
-    return 0
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def endpoints_for(task: str) -> list[str]:
+    """The paths a model folder of ``task`` answers."""
     return ["/healthz", "/v1/models"] + [path for path, needs in ENDPOINT_TASKS.items() if needs == task]
-
-
-def resolve_target(target: str, overrides: list[str]) -> tuple[Path, ServeConfig, bool]:
-    """A model folder (with ``serve.*`` overrides), a run or tune folder (its ``model/``: for a tune folder the
-    best trial's), or a run config (serving its run folder's model)."""
-    path = Path(target).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
-            path = path / "model"
-        return path.resolve(), serve_config_from_overrides(overrides), False
-    if path.is_file():
-        cfg = load_config(path, overrides)
-        model_dir = cfg.run_dir / "model"
-        if not model_dir.is_dir():
-            raise UserError(f"{target}: no exported model at {model_dir}; run `rayfine train {target}` first, "
-                            "or pass the model folder itself")
-        return model_dir.resolve(), cfg.serve, cfg.model.trust_remote_code or cfg.serve.trust_remote_code
-    raise UserError(f"{target}: not found; pass a model folder (RUN/model) or a run config YAML")
-
-
-def serve_config_from_overrides(overrides: list[str]) -> ServeConfig:
-    """The default ``serve:`` section with ``--set serve.KEY=VALUE`` applied (the only keys that apply)."""
-    raw = parse_overrides(overrides)
-    other = sorted(key for key in raw if key != "serve")
-    if other:
-        raise ConfigError([f"--set {key}...: only serve.* keys apply when serving a model folder"
-                           for key in other])
-    try:
-        return ServeConfig.model_validate(raw.get("serve") or {})
-    except ValidationError as exc:
-        problems = [f"serve.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" +
-                    (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else
-                     f"; valid keys are {', '.join(ServeConfig.model_fields)}")
-                    for e in exc.errors()]
-        raise ConfigError(problems, header="Bad --set override:") from None
 
 
 def deploy(model_dir: Path, serve_cfg: ServeConfig, *, name: str = APP_NAME, trust_remote_code: bool = False,
            address: Optional[str] = None, timeout_s: float = 300.0) -> str:
-    """Deploy (or update) the app serving ``model_dir``; wait until /healthz answers; return the base URL.
+    """Deploy (or update) the app serving ``model_dir`` on the Ray this process is connected to; wait until
+    /healthz answers; return the base URL (``address``: the cluster's, to name its host in the URL).
 
     Starts Serve with ``serve_cfg``'s HTTP options unless it is already running (then its proxy's options
     stay, and the URL uses its port). The env var named by ``serve.api_keys_env`` is passed to the replicas
@@ -129,10 +51,6 @@ def deploy(model_dir: Path, serve_cfg: ServeConfig, *, name: str = APP_NAME, tru
     """
     from ray import serve
 
-    from cluster.ray_connect import connect
-
-    prepare_local_ray(serve_cfg, address)
-    connect(address)
     port = start_serve(serve_cfg)
     keys = os.environ.get(serve_cfg.api_keys_env)
     env_vars = {serve_cfg.api_keys_env: keys} if keys else None
@@ -149,32 +67,7 @@ def deploy(model_dir: Path, serve_cfg: ServeConfig, *, name: str = APP_NAME, tru
         _deployed.append(name)
     url = f"http://{_public_host(serve_cfg.host, address)}:{port}{serve_cfg.route_prefix.rstrip('/')}"
     wait_until_healthy(url, timeout_s)
-    check_ingress(serve_cfg.proxy)  # a running instance may have another ingress than serve.proxy: say so
     return url
-
-
-def prepare_local_ray(serve_cfg: ServeConfig, address: Optional[str] = None) -> None:
-    """Set the env that Serve's processes read when Ray starts (the error-shape callback, ``serve.proxy``).
-
-    Effective only when this process then starts Ray (``connect`` without an address); a running instance,
-    or the cluster that ``address`` / ``RAY_ADDRESS`` names, keeps what its own env chose.
-    """
-    import ray
-
-    use_error_shape_in_proxy()
-    if not (ray.is_initialized() or address or os.environ.get("RAY_ADDRESS")):
-        use_ingress(serve_cfg.proxy)
-
-
-def use_error_shape_in_proxy() -> None:
-    """Have Serve answer its own 503/408 in the JSON error shape (``serving.errors``).
-
-    The callback wraps the Python proxy's HTTP server and, with HAProxy, each replica's own. Serve reads this
-    env var when those processes start, and Ray workers inherit the environment of the process that starts
-    Ray: so it takes effect when Ray starts after this call (``rayfine serve`` on a local instance, the
-    tests). Clusters started elsewhere set it in their containers' env.
-    """
-    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
 
 
 def start_serve(cfg: ServeConfig) -> int:
@@ -183,8 +76,8 @@ def start_serve(cfg: ServeConfig) -> int:
 
     serve.start(http_options={"host": cfg.host, "port": cfg.port,
                               "request_timeout_s": cfg.request_timeout_s + PROXY_TIMEOUT_GRACE_S})
-    try:  # no public API tells the port of a Serve instance started elsewhere
-        return int(serve.context._get_global_client().http_config.port)
+    try:
+        return serve_http_port()
     except Exception:  # noqa: BLE001 - fall back to what we asked for
         return cfg.port
 
@@ -254,7 +147,7 @@ _CONFIG_HEADER = """\
 # - API keys: set ${api_keys_env} (comma-separated) in the Ray containers' env, e.g. from a Kubernetes
 #   Secret; keys never go in this file.
 # - JSON error bodies for Serve's own 503/408: set
-#   RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.errors:proxy_middlewares in the Ray containers' env.
+#   {callback_env}={callback} in the Ray containers' env.
 # - HTTP ingress (serve.proxy: {proxy}) is not part of this file: Serve reads it from the Ray containers' env
 #   when Ray starts: {haproxy_env}={haproxy_value}.
 """
@@ -290,5 +183,6 @@ def write_serve_config(model_dir: Path, cfg: ServeConfig, path: str | Path, *, n
     ServeDeploySchema.model_validate(document)  # what `serve deploy` will check, checked now
     header = _CONFIG_HEADER.format(model_id=spec.model_id, task=spec.task, path=path,
                                    api_keys_env=cfg.api_keys_env, proxy=cfg.proxy, haproxy_env=HAPROXY_ENV,
+                                   callback_env=PROXY_CALLBACK_ENV, callback=PROXY_CALLBACK,
                                    haproxy_value="1" if cfg.proxy == "haproxy" else "0")
     Path(path).write_text(header + yaml.safe_dump(document, sort_keys=False))

@@ -12,22 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-# The OpenAI error ``type`` for each status we answer with.
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    408: "timeout_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    502: "server_error",
-    503: "server_error",
-    504: "server_error",
-}
+from core.openai_errors import error_body, error_type
 
+# Serve's HTTP servers import this (env var core.ray_private.PROXY_CALLBACK_ENV) to shape their own errors.
+PROXY_CALLBACK = "serving.errors:proxy_middlewares"
 
 class ServingError(Exception):
     """A request that cannot be answered, with the HTTP status and the OpenAI error fields."""
@@ -39,7 +27,7 @@ class ServingError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.type = type or error_type(status)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -52,14 +40,15 @@ def _rebuild(status, message, param, code, type_):
     return ServingError(status, message, param=param, code=code, type=type_)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
 def model_not_found(requested: str, served: str) -> ServingError:
     return ServingError(404, f"The model '{requested}' does not exist; this server serves '{served}'.",
                         param="model", code="model_not_found")
+
+
+def check_model(requested: Optional[str], served: str) -> None:
+    """A request's ``model`` must name the served model (leaving it out is fine: one model per app)."""
+    if requested is not None and requested != served:
+        raise model_not_found(requested, served)
 
 
 def input_too_long(n_tokens: int, limit: int, param: str = "input") -> ServingError:
@@ -81,7 +70,7 @@ class ErrorShapeMiddleware:
     Responses from the app are JSON already and pass through untouched (only the first message of each
     response is inspected). Serve installs it from the env var ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=
     serving.errors:proxy_middlewares`` (``http_options.middlewares`` was removed from Serve); see
-    ``serving.deploy.use_error_shape_in_proxy``. On KubeRay, set it in the Ray containers' env.
+    ``cluster.ray_start.prepare_ray_env``. On KubeRay, set it in the Ray containers' env.
     """
 
     def __init__(self, app):
@@ -117,7 +106,7 @@ async def _send_json(send, start: dict, text: bytes) -> None:
     if "backpressure" in message:  # Serve's wording for a full max_queued_requests queue
         code = "server_overloaded"
         message = f"The server is at capacity; retry later. ({message})"
-    body = json.dumps(error_body(message, _TYPES[status], None, code)).encode()
+    body = json.dumps(error_body(message, error_type(status), None, code)).encode()
     kept = [(k, v) for k, v in start.get("headers") or [] if k not in (b"content-type", b"content-length")]
     headers = kept + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -14,8 +14,9 @@ from typing import Iterator, Optional
 
 import torch
 
+from core.model_folder import DEFAULT_CHAT_TEMPLATE
 from serving.errors import ServingError, input_too_long
-from serving.model_folder import ModelSpec, default_chat_template
+from serving.model_folder import ModelSpec
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Generator:
         self.model = AutoModelForCausalLM.from_pretrained(spec.path, use_safetensors=True, **load)
         self.model = self.model.to(device).eval()
         self.device = device
-        self.chat_template = self.tokenizer.chat_template or default_chat_template()
+        self.chat_template = self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         config = self.model.config
         self.context_length = int(getattr(config, "max_position_embeddings", None)
                                   or getattr(config, "n_positions", None) or 2048)

@@ -1,15 +1,9 @@
-"""Reading an exported model folder: which task it does, its served id, its labels and limits.
+"""Reading an exported model folder (the contract of ``core.model_folder``) before loading its weights.
 
-The folder is the contract with training (``training`` and ``serving`` never import each other): a Hugging
-Face folder with ``config.json``, ``model.safetensors``, tokenizer files and ``rayfine.json``, or a LoRA
-adapter folder (``adapter_config.json``, ``adapter_model.safetensors``; transformers loads the base model it
-names through peft)::
-
-    {"task": "sequence_classification", "base_model": "...", "max_seq_length": 128,
-     "labels": ["neg", "pos"], "rayfine_version": "0.1.0", "model_id": "ft:BASE:SUFFIX:JOBID"}
-
-``model_id`` is optional (default: the folder's name). Without ``rayfine.json`` the task is inferred from
-``config.json``'s ``architectures``. This module reads JSON only; it imports neither torch nor transformers.
+Which task it does, its served id, its labels and limits: from ``rayfine.json`` (``ModelInfo``), else
+inferred from ``config.json``'s ``architectures`` or a LoRA adapter's ``task_type`` (transformers loads the
+base model an adapter names through peft). This module reads JSON only; it imports neither torch nor
+transformers.
 """
 
 from __future__ import annotations
@@ -19,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cluster.errors import UserError
-
-TASKS = ("sequence_classification", "token_classification", "question_answering", "causal_lm")
+from core.errors import UserError
+from core.model_folder import MODEL_INFO, TASKS, ModelInfo
 
 # Endpoint -> the task it needs. /healthz and /v1/models work for every task.
 ENDPOINT_TASKS = {
@@ -31,27 +24,6 @@ ENDPOINT_TASKS = {
     "/v1/chat/completions": "causal_lm",
     "/v1/completions": "causal_lm",
 }
-
-# The chat template used when a causal LM folder brings none (tokenizer_config.json's "chat_template" or
-# chat_template.jinja; rayfine's own exports always carry one). It is the same string as
-# training.tasks.causal_lm.DEFAULT_CHAT_TEMPLATE (training and serving never import each other): keep the
-# two identical. Each message is a role header line, its content and the EOS token; the generation prompt
-# is the assistant header, so a fine-tuned model ends its answer with EOS.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-
-def default_chat_template() -> str:
-    """The Jinja chat template for causal LM folders without one (see ``DEFAULT_CHAT_TEMPLATE``).
-
-    Example: ``[{"role": "user", "content": "Hi"}]`` with a generation prompt renders as
-    ``"<|user|>\\nHi</s>\\n<|assistant|>\\n"`` for a tokenizer whose EOS token is ``</s>``.
-    """
-    return DEFAULT_CHAT_TEMPLATE
 
 
 _ARCH_SUFFIXES = (
@@ -92,24 +64,24 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     if config is None and adapter is None:
         raise UserError(f"{path}: no config.json; this is not a Hugging Face model folder "
                         "(expected the model/ folder that `rayfine train` exports)")
-    meta = _read_json(path / "rayfine.json") or {}
+    meta = ModelInfo.load(path) or ModelInfo()
     inferred = infer_task(config.get("architectures") or []) if config else _PEFT_TASKS.get(adapter.get("task_type"))
-    task = meta.get("task") or inferred
+    task = meta.task or inferred
     if task not in TASKS:
-        found = meta.get("task") or (config or {}).get("architectures") or (adapter or {}).get("task_type")
-        raise UserError(f"{path}: cannot tell the model's task (found {found!r}); add rayfine.json with "
+        found = (config or {}).get("architectures") or (adapter or {}).get("task_type")
+        raise UserError(f"{path}: cannot tell the model's task (found {found!r}); add {MODEL_INFO} with "
                         f"\"task\": one of {', '.join(TASKS)}")
     weights = ("adapter_model.safetensors",) if adapter else ("model.safetensors", "model.safetensors.index.json")
     if not any((path / name).exists() for name in weights):
         raise UserError(f"{path}: no {weights[0]}; rayfine serves safetensors weights only "
                         "(re-export the model, or convert it with save_pretrained(safe_serialization=True))")
-    labels = list(meta.get("labels") or _labels_from_config(config or {}))
+    labels = list(meta.labels or _labels_from_config(config or {}))
     return ModelSpec(
         path=path,
         task=task,
-        model_id=str(meta.get("model_id") or path.name),
+        model_id=str(meta.model_id or path.name),
         labels=[str(label) for label in labels],
-        max_seq_length=meta.get("max_seq_length"),
+        max_seq_length=meta.max_seq_length,
         adapter=adapter is not None,
     )
 

@@ -7,8 +7,6 @@ the error shape and a message saying which task the deployment serves.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import time
 from typing import Any
@@ -18,8 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.openai_errors import bearer_key_ok, error_body, send_unauthorized
+from core.ray_private import serve_request_id
 from serving import completions
-from serving.errors import ServingError, error_body, model_not_found
+from serving.errors import ServingError, check_model
 from serving.model_folder import ENDPOINT_TASKS
 from serving.protocol import ModelCard, ModelList, QARequest, TextInputRequest
 from serving.telemetry import log_access
@@ -48,11 +48,6 @@ def build_router(server) -> FastAPI:
     return app
 
 
-def check_model(server, requested: str | None) -> None:
-    if requested is not None and requested != server.spec.model_id:
-        raise model_not_found(requested, server.spec.model_id)
-
-
 async def within_timeout(server, awaitable):
     try:
         if hasattr(asyncio, "timeout"):  # Python 3.11+: no extra task per request, unlike wait_for
@@ -78,14 +73,14 @@ def _add_common_routes(app: FastAPI, server) -> None:
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
-        check_model(server, model_id)
+        check_model(model_id, server.spec.model_id)
         return card.model_dump()
 
 
 def _add_text_route(app: FastAPI, server, path: str) -> None:
     @app.post(path)
     async def predict(body: TextInputRequest) -> JSONResponse:
-        check_model(server, body.model)
+        check_model(body.model, server.spec.model_id)
         encoded = [server.model.encode(text) for text in body.texts()]
         return _data_response(server, *await within_timeout(server, server.predict(encoded)))
 
@@ -93,7 +88,7 @@ def _add_text_route(app: FastAPI, server, path: str) -> None:
 def _add_qa_route(app: FastAPI, server) -> None:
     @app.post("/v1/qa")
     async def answer(body: QARequest) -> JSONResponse:
-        check_model(server, body.model)
+        check_model(body.model, server.spec.model_id)
         try:
             items = body.items()
         except ValueError as exc:
@@ -211,9 +206,9 @@ class RequestMiddleware:
         server.in_flight += 1
         server.telemetry.set_in_flight(server.in_flight)
         try:
-            if server.api_keys and path not in OPEN_PATHS and not _authorized(headers, server.api_keys):
+            if server.api_keys and path not in OPEN_PATHS and not bearer_key_ok(headers, server.api_keys):
                 scope["rayfine.error_code"] = "invalid_api_key"
-                await _send_401(send_and_watch)
+                await send_unauthorized(send_and_watch)
             else:
                 await self.app(scope, receive, send_and_watch)
         finally:
@@ -233,10 +228,8 @@ def _request_id(headers: dict[bytes, bytes]) -> str | None:
     """The id Serve's proxy gave the request (also its ``X-Request-ID`` response header)."""
     if b"x-request-id" in headers:
         return headers[b"x-request-id"].decode("latin-1")
-    try:  # no proxy in front (Serve's direct ingress): Serve's request context has it; no public API
-        from ray.serve.context import _get_serve_request_context
-
-        return _get_serve_request_context().request_id or None
+    try:  # no proxy in front (Serve's direct ingress): Serve's request context has it
+        return serve_request_id()
     except Exception:  # noqa: BLE001 - the log line goes out without an id rather than not at all
         return None
 
@@ -245,18 +238,3 @@ def _model_ms(server_timing: bytes | None) -> float | None:
     if not server_timing or b"dur=" not in server_timing:
         return None
     return float(server_timing.split(b"dur=")[1].split(b",")[0])
-
-
-def _authorized(headers: dict[bytes, bytes], keys: frozenset[str]) -> bool:
-    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-    # compare_digest: no timing hints about how much of a key matched.
-    return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip(), key) for key in keys)
-
-
-async def _send_401(send) -> None:
-    body = json.dumps(error_body("Missing or invalid API key: send 'Authorization: Bearer KEY'.",
-                                 type="authentication_error", code="invalid_api_key")).encode()
-    await send({"type": "http.response.start", "status": 401,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"www-authenticate", b"Bearer")]})
-    await send({"type": "http.response.body", "body": body})

@@ -12,15 +12,14 @@ import os
 import socket
 from pathlib import Path
 
-from serving.deploy import use_error_shape_in_proxy
-from cluster.ingress import use_ingress
+from cluster.ray_start import prepare_ray_env
 
 # Serve reads these env vars when its processes start, and Ray's workers inherit the environment of the process
 # that starts Ray: set them at import (test collection), before any test of the session starts Ray.
 # RAYFINE_SERVE_PROXY=python|haproxy picks the HTTP ingress of the session (default: serve.proxy's default);
 # SERVE_PROXY is the one it gets.
-use_error_shape_in_proxy()
-SERVE_PROXY = use_ingress(os.environ.get("RAYFINE_SERVE_PROXY") or None)
+prepare_ray_env(os.environ.get("RAYFINE_SERVE_PROXY") or None)
+SERVE_PROXY = "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "python"
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 CLS_LABELS = ["negative", "positive"]
@@ -60,8 +59,14 @@ def _save(model, tokenizer, out: Path, task: str, labels: list[str] | None, **me
 def build_tiny_models(root: Path) -> dict[str, Path]:
     """Model folders for the four tasks under ``root``; returns {task: folder}."""
     import torch
-    from transformers import (AutoTokenizer, BertForQuestionAnswering, BertForSequenceClassification,
-                              BertForTokenClassification, GPT2Config, GPT2LMHeadModel)
+    from transformers import (
+        AutoTokenizer,
+        BertForQuestionAnswering,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(minilm_path())

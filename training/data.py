@@ -18,10 +18,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cluster.config import RunConfig
-from cluster.jsonl import parse_record
-from cluster.errors import UserError
-from training.formats import iter_conll, iter_squad, looks_like_json_document
+from core.config import RunConfig
+from core.errors import UserError
+from training.formats import iter_conll, iter_squad, looks_like_json_document, parse_record
 from training.tasks.base import LabelSpace, ParseError
 
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",

@@ -2,7 +2,8 @@
 
     summarize_data -> TrainPlan -> TorchTrainer(train_loop_per_worker).fit() -> model/, eval.json, plots/
 
-Ray Tune wraps ``fit_run`` (the driver function), never the trainer object.
+Ray Tune wraps ``fit_run`` (the driver function), never the trainer object. Ray is up already (the CLI starts
+or joins it); progress goes to this module's logger, which the CLI prints.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
-from cluster.config import RunConfig, dump_config
-from cluster.errors import UserError
+from core.config import RunConfig, dump_config
+from core.errors import UserError
+from core.run_folder import CHECKPOINTS, RunFolder
 from training.loop import TrainPlan, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -41,7 +42,7 @@ class MetricsLogCallback(UserCallback):
               "step": "rayfine_train_step", "eval_loss": "rayfine_train_eval_loss"}
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunFolder(Path(run_dir)).metrics
         self.run_name = Path(run_dir).name
         self._gauges = None
 
@@ -67,7 +68,7 @@ class MetricsLogCallback(UserCallback):
 
 
 class ProgressPrinter(threading.Thread):
-    """Follows metrics.jsonl from the driver and prints one line per report (workers' logs stay in Ray's
+    """Follows metrics.jsonl from the driver and logs one line per report (workers' logs stay in Ray's
     log folder, so the terminal shows the run's progress and not Ray's internals)."""
 
     def __init__(self, path: Path, total_steps: int):
@@ -89,8 +90,7 @@ class ProgressPrinter(threading.Thread):
             for line in f:
                 if line.endswith("\n"):
                     self.offset += len(line.encode())
-                    print(format_progress(json.loads(line), self.total_steps, time.time() - self.started),
-                          flush=True)
+                    logger.info(format_progress(json.loads(line), self.total_steps, time.time() - self.started))
 
     def stop(self) -> None:
         self.stopped.set()
@@ -119,21 +119,22 @@ def format_progress(m: dict, total_steps: int, elapsed: float) -> str:
     return "  " + " | ".join(parts)
 
 
-def prepare_run_dir(cfg: RunConfig) -> tuple[Path, bool]:
-    """Pick the run folder: resume an unfinished one, never overwrite a finished one."""
+def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path, bool]:
+    """Pick the run folder: resume an unfinished one, never overwrite a finished one. Returns the config of
+    the run (``output.name`` changed when the folder is taken), its folder, and whether it resumes."""
     base = Path(cfg.output.dir).expanduser().resolve()
     name = cfg.output.name
     run_dir = base / name
     suffix = 1
-    while (run_dir / "model").exists():
+    while RunFolder(run_dir).model.exists():
         suffix += 1
         run_dir = base / f"{name}-{suffix}"
-    resume = (run_dir / CHECKPOINTS).exists()
+    resume = RunFolder(run_dir).checkpoints.exists()
     if run_dir.name != name:
-        cfg.output.name = run_dir.name
-        print(f"{base / name} holds a finished run; this run goes to {run_dir}")
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"name": run_dir.name})})
+        logger.info(f"{base / name} holds a finished run; this run goes to {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, resume
+    return cfg, run_dir, resume
 
 
 def resolve_use_gpu(cfg: RunConfig) -> bool:
@@ -146,7 +147,8 @@ def resolve_use_gpu(cfg: RunConfig) -> bool:
 
 def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callbacks=()):
     """The TorchTrainer of one run (datasets streamed from the Ray Data pipeline)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.data import Splits, tokenized
@@ -202,7 +204,7 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu, num_params,
                            packed_sequences=estimate_packed_sequences(cfg, summary))
     trainer = build_trainer(cfg, plan, labels, run_dir, [MetricsLogCallback(run_dir), *callbacks])
-    printer = ProgressPrinter(run_dir / "metrics.jsonl", plan.total_steps) if progress else None
+    printer = ProgressPrinter(RunFolder(run_dir).metrics, plan.total_steps) if progress else None
     if printer:
         printer.start()
     try:
@@ -230,54 +232,48 @@ def finalize_run(cfg: RunConfig, run_dir: Path, result) -> TrainResult:
     from training.plots import write_plots
 
     metrics = dict(result.metrics or {})
-    model_dir = run_dir / "model"
+    run = RunFolder(run_dir)
+    model_dir = run.model
     staging = run_dir / ".model.partial"
     shutil.rmtree(staging, ignore_errors=True)
     with result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / "model", staging)
-        if (Path(ckpt) / "adapter").is_dir():  # LoRA: the peft adapter folder beside the model
-            shutil.rmtree(run_dir / "adapter", ignore_errors=True)
-            shutil.copytree(Path(ckpt) / "adapter", run_dir / "adapter")
+        if RunFolder(Path(ckpt)).adapter.is_dir():  # LoRA: the peft adapter folder beside the model
+            shutil.rmtree(run.adapter, ignore_errors=True)
+            shutil.copytree(RunFolder(Path(ckpt)).adapter, run.adapter)
     evaluation = {"validation": json.loads(metrics.get("eval_report", "{}"))}
     if "test_report" in metrics:
         evaluation["test"] = json.loads(metrics["test_report"])
     write_model_card(staging, cfg, evaluation)
-    write_plots(run_dir / "metrics.jsonl", run_dir / "plots")
+    write_plots(run.metrics, run.plots)
     if cfg.task == "causal_lm":
         from training.samples import write_samples
 
-        write_samples(cfg, staging, run_dir / "samples.jsonl")
+        write_samples(cfg, staging, run.samples)
     staging.rename(model_dir)  # atomic: a model/ folder only ever appears complete
-    (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
+    run.eval.write_text(json.dumps(evaluation, indent=2))
     return TrainResult(run_dir, model_dir, evaluation)
 
 
-def train(cfg: RunConfig, address: str | None = None) -> TrainResult:
-    """``rayfine train``: validate, train, export; prints progress and the evaluation table."""
-    from cluster.ray_connect import connect
+def train(cfg: RunConfig) -> TrainResult:
+    """``rayfine train``: check the data, train, export; logs progress and the evaluation table."""
     from training.evaluate import format_metrics_table
     from training.preflight import summarize_data
-    from training.progress import quiet_ray_data
 
-    where = connect(address, num_workers=cfg.scaling.num_workers, serve_proxy=cfg.serve.proxy)
-    quiet_ray_data()
-    print(f"rayfine train: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
-    print("Checking the data ...", flush=True)
+    logger.info("Checking the data ...")
     summary = summarize_data(cfg)  # before the run folder exists: bad data leaves nothing behind
-    counts = ", ".join(f"{k} {v:,}" for k, v in summary.counts.items())
-    print(f"  records: {counts}", flush=True)
+    logger.info("  records: " + ", ".join(f"{k} {v:,}" for k, v in summary.counts.items()))
     if any(summary.rows(k) != v for k, v in summary.counts.items()):
-        print("  rows after tokenization: " + ", ".join(f"{k} {summary.rows(k):,}" for k in summary.counts),
-              flush=True)
-    run_dir, resume = prepare_run_dir(cfg)
-    print(("Resuming" if resume else "Starting") + f" run in {run_dir}", flush=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+        logger.info("  rows after tokenization: " + ", ".join(f"{k} {summary.rows(k):,}" for k in summary.counts))
+    cfg, run_dir, resume = prepare_run_dir(cfg)
+    logger.info(("Resuming" if resume else "Starting") + f" run in {run_dir}")
+    RunFolder(run_dir).config.write_text(dump_config(cfg))
     started = time.time()
     result, plan = fit_run(cfg, summary, run_dir)
-    print(f"Training finished in {time.time() - started:.0f}s ({plan.total_steps} steps, "
-          f"{cfg.scaling.num_workers} workers, ZeRO-{cfg.deepspeed.stage}).", flush=True)
+    logger.info(f"Training finished in {time.time() - started:.0f}s ({plan.total_steps} steps, "
+                f"{cfg.scaling.num_workers} workers, ZeRO-{plan.zero_stage}).")
     done = finalize_run(cfg, run_dir, result)
     for split, m in done.metrics.items():
-        print(f"\n{split} metrics:\n{format_metrics_table(m)}")
-    print(f"\nModel exported to {done.model_dir}")
+        logger.info(f"\n{split} metrics:\n{format_metrics_table(m)}")
+    logger.info(f"\nModel exported to {done.model_dir}")
     return done

@@ -1,4 +1,9 @@
-"""DeepSpeed settings, derived from the run config by pure functions (unit-tested, no torch import)."""
+"""DeepSpeed settings, derived from the run config by pure functions (unit-tested, no torch import).
+
+The derived config is the one owner of what the engine runs with: ``deepspeed.config`` (native keys, merged
+last) may change the ZeRO stage, the micro batch or gradient accumulation, so the driver's step arithmetic,
+the workers and the export read them back with ``engine_shape``, never from the raw run-config keys.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.config import RunConfig, deep_merge
+from core.config import RunConfig, deep_merge
 
 
 def resolve_precision(precision: str, use_gpu: bool, bf16_supported: bool) -> str:
@@ -35,8 +40,10 @@ def _scheduler(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
 
 def _zero(cfg: RunConfig, use_gpu: bool, num_params: int | None) -> dict[str, Any]:
     ds = cfg.deepspeed
-    zero: dict[str, Any] = {"stage": ds.stage}
-    if ds.stage == 0:
+    # deepspeed.config may name another stage: the stage-specific defaults below follow the one that runs
+    stage = int((ds.config.get("zero_optimization") or {}).get("stage", ds.stage))
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 0:
         return zero
     # One bucket per ~model size: small models then reduce in a single collective instead of many tiny
     # ones (a large share of step time on CPU/gloo); large models cap at DeepSpeed's 500M default.
@@ -44,7 +51,7 @@ def _zero(cfg: RunConfig, use_gpu: bool, num_params: int | None) -> dict[str, An
     bucket = int(min(5e8, max(2e6, num_params or 5e8))) // 2**20 * 2**20 + 2**20
     zero.update(contiguous_gradients=True, overlap_comm=use_gpu, reduce_scatter=True,
                 reduce_bucket_size=bucket, allgather_bucket_size=bucket)
-    if ds.stage == 3:
+    if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True,
                     stage3_prefetch_bucket_size=bucket,
                     stage3_param_persistence_threshold=int(min(1e5, bucket // 10)))
@@ -69,7 +76,6 @@ def build_deepspeed_config(cfg: RunConfig, *, world_size: int, total_steps: int,
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_batch_size": t.batch_size * t.gradient_accumulation_steps * world_size,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         "scheduler": _scheduler(cfg, total_steps),
         "zero_optimization": _zero(cfg, use_gpu, num_params),
@@ -83,7 +89,36 @@ def build_deepspeed_config(cfg: RunConfig, *, world_size: int, total_steps: int,
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
-    return deep_merge(config, copy.deepcopy(cfg.deepspeed.config))
+    user = copy.deepcopy(cfg.deepspeed.config)
+    merged = deep_merge(config, user)
+    micro = merged["train_micro_batch_size_per_gpu"]
+    if "train_batch_size" in user and "gradient_accumulation_steps" not in user:
+        # DeepSpeed's rule: train_batch_size = micro batch x accumulation x world size
+        merged["gradient_accumulation_steps"] = max(1, int(user["train_batch_size"]) // (micro * world_size))
+    merged.setdefault("train_batch_size", micro * merged["gradient_accumulation_steps"] * world_size)
+    return merged
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """What the DeepSpeed engine runs with, read from the derived config."""
+
+    stage: int
+    micro_batch_per_worker: int
+    gradient_accumulation_steps: int
+
+
+def engine_shape(ds_config: dict[str, Any]) -> EngineShape:
+    """The ZeRO stage, micro batch and accumulation of a derived DeepSpeed config."""
+    return EngineShape(stage=int((ds_config.get("zero_optimization") or {}).get("stage", 0)),
+                       micro_batch_per_worker=int(ds_config["train_micro_batch_size_per_gpu"]),
+                       gradient_accumulation_steps=int(ds_config["gradient_accumulation_steps"]))
+
+
+def run_engine_shape(cfg: RunConfig, world_size: int) -> EngineShape:
+    """``engine_shape`` of the config a run's workers will build (the shape does not depend on the step count,
+    the device or the model size, which only tune the schedule, precision and buckets)."""
+    return engine_shape(build_deepspeed_config(cfg, world_size=world_size, total_steps=1, use_gpu=False))
 
 
 @dataclass

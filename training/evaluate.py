@@ -7,14 +7,18 @@ task adapter come back to the driver. The numbers equal the ones training report
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from cluster.config import RunConfig
-from cluster.errors import UserError
+from core.config import RunConfig
+from core.errors import UserError
+from core.model_folder import ModelInfo
 from training.tasks.base import LabelSpace
+
+logger = logging.getLogger(__name__)
 
 
 def format_metrics_table(m: dict) -> str:
@@ -34,11 +38,10 @@ def format_metrics_table(m: dict) -> str:
     return "\n".join(lines)
 
 
-def load_model_info(model_dir: Path) -> dict:
-    meta_path = model_dir / "rayfine.json"
+def load_model_info(model_dir: Path) -> ModelInfo:
     if not (model_dir / "config.json").exists():
         raise UserError(f"--model {model_dir}: not a model folder (no config.json); pass RUN/model")
-    return json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return ModelInfo.load(model_dir) or ModelInfo()
 
 
 class PredictBatch:
@@ -83,11 +86,11 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, data: str | None = None) -> 
     from ray.data import ActorPoolStrategy
 
     from training.data import Splits, build_records, expand_inputs
-    from training.preflight import MAX_PROBLEMS, record_labels
+    from training.preflight import MAX_PROBLEMS
     from training.tasks import get_adapter
 
     info = load_model_info(model_dir)
-    names = info.get("labels") or _labels_from_config(model_dir)
+    names = info.labels or _labels_from_config(model_dir)
     labels = LabelSpace(list(names))
     if data is not None:
         records = build_records(expand_inputs(data, cfg.data.format, "--data"), cfg)
@@ -102,7 +105,7 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, data: str | None = None) -> 
     known = set(names)
 
     def unknown_labels(r: dict) -> list[str]:  # a record's labels (NER: its tags) the model cannot predict
-        return sorted(set(record_labels(adapter, {k: [v] for k, v in r.items()})[0]) - known)
+        return sorted(set(adapter.record_labels({k: [v] for k, v in r.items()})[0]) - known)
 
     unknown = records.filter(lambda r: bool(unknown_labels(r))).take(5) if adapter.has_labels else []
     if unknown:
@@ -127,15 +130,10 @@ def _labels_from_config(model_dir: Path) -> list[str]:
     return [id2label[k] for k in sorted(id2label, key=int)]
 
 
-def evaluate_command(cfg: RunConfig, model_dir: Path, data: str | None, output: str | None,
-                     address: str | None) -> dict:
-    from cluster.ray_connect import connect
-    from training.progress import quiet_ray_data
-
-    connect(address, num_workers=1)
-    quiet_ray_data()
+def evaluate_command(cfg: RunConfig, model_dir: Path, data: str | None, output: str | None) -> dict:
+    """``rayfine evaluate``: the task's metrics of ``model_dir`` on ``data`` (default: the config's data)."""
     metrics = evaluate_model(cfg, model_dir, data)
-    print(f"Evaluation of {model_dir} on {data or 'the config data'}:\n{format_metrics_table(metrics)}")
+    logger.info(f"Evaluation of {model_dir} on {data or 'the config data'}:\n{format_metrics_table(metrics)}")
     if output:
         Path(output).write_text(json.dumps(metrics, indent=2))
     return metrics

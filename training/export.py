@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.config import RunConfig
+from core.config import RunConfig
 
 _USAGE = {
     "sequence_classification": ('from transformers import pipeline\n'
@@ -38,7 +38,10 @@ METRICS = ("accuracy", "exact_match", "f1", "precision", "recall", "loss", "num_
 
 
 def write_model_card(model_dir: Path, cfg: RunConfig, evaluation: dict) -> None:
+    from training.ds_config import run_engine_shape
+
     t, ds = cfg.training, cfg.deepspeed
+    shape = run_engine_shape(cfg, cfg.scaling.num_workers)
     rows = []
     for split, m in evaluation.items():
         for key in METRICS:
@@ -62,10 +65,10 @@ Fine-tuned with rayfine ({cfg.task}) from `{cfg.model.name_or_path}`.
 {chr(10).join(rows)}
 
 ## Training
-- epochs {t.epochs}, learning rate {t.learning_rate}, batch size {t.batch_size} per worker x
-  {cfg.scaling.num_workers} workers x {t.gradient_accumulation_steps} accumulation steps
+- epochs {t.epochs}, learning rate {t.learning_rate}, batch size {shape.micro_batch_per_worker} per worker x
+  {cfg.scaling.num_workers} workers x {shape.gradient_accumulation_steps} accumulation steps
 - scheduler {t.lr_scheduler} with warmup ratio {t.warmup_ratio}, weight decay {t.weight_decay}, seed {t.seed}
-- DeepSpeed ZeRO-{ds.stage}, precision {ds.precision}, max sequence length {cfg.data.max_seq_length}
+- DeepSpeed ZeRO-{shape.stage}, precision {ds.precision}, max sequence length {cfg.data.max_seq_length}
 
 ## Use
 ```python

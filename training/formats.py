@@ -1,4 +1,7 @@
-"""Readers of the task-specific file formats: CoNLL (token classification) and nested SQuAD JSON (QA).
+"""Readers of the record formats: one JSON-lines record, CoNLL (token classification) and nested SQuAD JSON (QA).
+
+``parse_record`` is the one JSON-lines record parser, shared by the data pipeline and the jobs API's upload
+checks.
 
 Both yield ``(line, record, problem)`` like every reader in ``training.data``, with 1-based line numbers
 of the file itself, so a problem names the line a user has to fix:
@@ -16,9 +19,20 @@ from __future__ import annotations
 import bisect
 import json
 import re
-from typing import Callable, Iterator, TextIO
+from typing import Callable, Iterator, Optional, TextIO
 
 Row = tuple[int, "dict | None", "str | None"]
+
+
+def parse_record(line: str) -> tuple[Optional[dict], Optional[str]]:
+    """``(record, None)`` for a JSON object, else ``(None, problem)`` worded for a ``file:line:`` message."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    return record, None
 
 
 def iter_conll(f: TextIO) -> Iterator[Row]:

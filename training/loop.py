@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.config import RunConfig
+from core import __version__
+from core.config import RunConfig
+from core.model_folder import ModelInfo
+from core.run_folder import TRAINER_STATE
 from training.tasks.base import LabelSpace
 
-STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
 
 
@@ -35,21 +37,25 @@ class TrainPlan:
     use_gpu: bool
     num_params: int
     packed: bool = False
+    zero_stage: int = 0  # as the derived DeepSpeed config sets it (for messages; workers read their own config)
 
     @classmethod
     def build(cls, cfg: RunConfig, train_records: int, world_size: int, use_gpu: bool, num_params: int,
               packed_sequences: int | None = None):
         """``packed_sequences``: with data.packing, the estimated number of packed sequences per epoch. Their
         exact count depends on each worker's data, so workers then end an epoch together when one runs out."""
+        from training.ds_config import run_engine_shape
+
         t = cfg.training
+        shape = run_engine_shape(cfg, world_size)  # deepspeed.config may override the micro batch or accumulation
         # streaming_split(equal=True) gives every worker floor(N / world) records.
         per_worker = (packed_sequences or train_records) // world_size
-        micro = max(1, math.ceil(per_worker / t.batch_size))
-        total = (micro * t.epochs) // t.gradient_accumulation_steps
+        micro = max(1, math.ceil(per_worker / shape.micro_batch_per_worker))
+        total = (micro * t.epochs) // shape.gradient_accumulation_steps
         if t.max_steps:
             total = min(total, t.max_steps)
         return cls(train_records, world_size, micro, max(total, 1), use_gpu, num_params,
-                   packed=packed_sequences is not None)
+                   packed=packed_sequences is not None, zero_stage=shape.stage)
 
 
 @dataclass
@@ -106,14 +112,15 @@ def _take(batch: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray
     return {k: v[idx] for k, v in batch.items()}
 
 
-def iter_train_batches(shard, cfg: RunConfig, epoch: int, pad_id: int = 0):
+def iter_train_batches(shard, cfg: RunConfig, epoch: int, pad_id: int = 0, batch_size: int | None = None):
     """Micro-batches grouped by length: sort within a bucket of 16 batches, then shuffle batch order.
 
     Padding is most of the wasted compute on short texts; grouping keeps it small while the local shuffle
     and the shuffled batch order keep epochs varied. With ``data.packing`` the bucket's examples are packed
-    into ``max_seq_length`` sequences instead. Deterministic for a given seed and epoch.
+    into ``max_seq_length`` sequences instead. Deterministic for a given seed and epoch. ``batch_size``: the
+    engine's micro batch (default: training.batch_size).
     """
-    bs = cfg.training.batch_size
+    bs = batch_size or cfg.training.batch_size
     bucket = bs * 16
     rng = np.random.default_rng([cfg.training.seed, epoch])
     for big in shard.iter_batches(batch_size=bucket, batch_format="numpy", prefetch_batches=2,
@@ -187,8 +194,7 @@ class Worker:
 
         self.tokenizer = AutoTokenizer.from_pretrained(
             cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-        if hasattr(self.adapter, "prepare_tokenizer"):
-            self.adapter.prepare_tokenizer(self.tokenizer)
+        self.adapter.prepare_tokenizer(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.state = TrainState()
         self.resumed_from_step = 0
@@ -202,17 +208,18 @@ class Worker:
         import deepspeed
         import torch
 
-        from training.ds_config import build_deepspeed_config
+        from training.ds_config import build_deepspeed_config, engine_shape
 
         bf16 = bool(self.plan.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         self.ds_config = build_deepspeed_config(
             self.cfg, world_size=self.world, total_steps=self.plan.total_steps, use_gpu=self.plan.use_gpu,
             bf16_supported=bf16, num_params=self.plan.num_params)
+        self.shape = engine_shape(self.ds_config)  # stage, micro batch, accumulation: as the engine runs them
         # Join DeepSpeed's comm layer to the process group Ray Train already set up; DeepSpeed's config
         # (built below, also by HfDeepSpeedConfig) reads the world size from it.
         deepspeed.init_distributed(dist_backend="nccl" if self.plan.use_gpu else "gloo")
         dschf = None
-        if self.cfg.deepspeed.stage == 3:
+        if self.shape.stage == 3:
             # Keeps ZeRO-3 active while transformers loads the weights, so each rank only materializes its
             # partition (zero.Init). Must stay referenced until the model is built.
             from transformers.integrations import HfDeepSpeedConfig
@@ -233,7 +240,7 @@ class Worker:
     def restore(self, checkpoint) -> bool:
         """Load engine and position from a Ray checkpoint; returns True when training already finished."""
         with checkpoint.as_directory() as path:
-            state = json.loads((Path(path) / STATE_FILE).read_text())
+            state = json.loads((Path(path) / TRAINER_STATE).read_text())
             self.state = TrainState(**state)
             self.resumed_from_step = self.state.global_step
             if self.state.finished:
@@ -252,7 +259,7 @@ class Worker:
             with tempfile.TemporaryDirectory() as tmp:
                 self.engine.save_checkpoint(tmp, tag=DS_TAG)  # every rank writes its own ZeRO shard
                 if self.rank == 0:
-                    (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(self.state)))
+                    (Path(tmp) / TRAINER_STATE).write_text(json.dumps(asdict(self.state)))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         self.window_start = time.perf_counter()  # throughput excludes evaluation and checkpoint time
 
@@ -293,7 +300,7 @@ class Worker:
         import torch.distributed as dist
 
         shard = ray.train.get_dataset_shard(split)
-        bs = self.cfg.training.batch_size * 2
+        bs = self.shape.micro_batch_per_worker * 2
         results, loss_sum, count, passes, pending = [], 0.0, 0, 0, None
         self.engine.eval()
         with torch.no_grad():
@@ -328,7 +335,7 @@ class Worker:
     # ---- export ---------------------------------------------------------------------------------
     def export(self, out_dir: Path) -> None:
         """Consolidate the (possibly ZeRO-3 sharded) weights into one safetensors model on rank 0."""
-        if self.cfg.deepspeed.stage == 3:
+        if self.shape.stage == 3:
             state_dict = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls
         else:
             state_dict = self.engine.module.state_dict() if self.rank == 0 else None
@@ -343,14 +350,9 @@ class Worker:
         else:
             module.save_pretrained(out_dir, state_dict=state_dict)
             self.tokenizer.save_pretrained(out_dir)
-        meta = {"task": self.cfg.task, "model_id": self.cfg.output.model_id or self.cfg.output.name,
-                "base_model": self.cfg.model.name_or_path,
-                "max_seq_length": self.cfg.data.max_seq_length,
-                "labels": self.labels.names if self.labels else None}
-        from cluster import __version__
-
-        meta["rayfine_version"] = __version__
-        (out_dir / "rayfine.json").write_text(json.dumps(meta, indent=2))
+        ModelInfo(task=self.cfg.task, model_id=self.cfg.output.model_id or self.cfg.output.name,
+                  base_model=self.cfg.model.name_or_path, max_seq_length=self.cfg.data.max_seq_length,
+                  labels=self.labels.names if self.labels else None, rayfine_version=__version__).save(out_dir)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -371,7 +373,7 @@ def train_loop_per_worker(config: dict) -> None:
     s = w.state
     while s.epoch < t.epochs and s.global_step < plan.total_steps:
         epoch, micro = s.epoch, 0
-        batches = iter_train_batches(shard, cfg, epoch, w.pad_id)
+        batches = iter_train_batches(shard, cfg, epoch, w.pad_id, w.shape.micro_batch_per_worker)
         for batch in (synchronized(batches, w.device) if plan.packed else batches):
             if micro < s.micro_in_epoch:  # resuming mid-epoch: skip what the checkpoint already covers
                 micro += 1
@@ -439,5 +441,5 @@ def _finish(w: Worker) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         w.export(Path(tmp) / "model")
         if w.rank == 0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(w.state)))
+            (Path(tmp) / TRAINER_STATE).write_text(json.dumps(asdict(w.state)))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if w.rank == 0 else None)

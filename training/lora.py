@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from cluster.config import RunConfig
+from core.config import RunConfig
 
 PEFT_TASK = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS",
              "token_classification": "TOKEN_CLS", "question_answering": "QUESTION_ANS"}
@@ -27,7 +27,7 @@ def apply_lora(model, cfg: RunConfig):
     try:
         return get_peft_model(model, lora_config(cfg))
     except ValueError as exc:  # e.g. no default target modules known for this architecture
-        from cluster.errors import UserError
+        from core.errors import UserError
 
         raise UserError(f"model.lora: {exc}; set model.lora.target_modules to the names of the linear "
                         "layers to adapt (e.g. [q_proj, v_proj])") from None

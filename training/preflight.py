@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cluster.config import RunConfig
-from cluster.errors import UserError
+from core.config import RunConfig
+from core.errors import UserError
 from training.data import Splits, build_records
 from training.tasks.base import LabelSpace
 
@@ -46,8 +46,8 @@ class SummarizeBatch:
         clean = {k: np.asarray(v)[ok] for k, v in batch.items()}
         if ok.any():
             lengths = self.adapter.tokenize(clean, self.tokenizer, None, truncate=False)["length"]
-            stats = record_stats(self.adapter, clean, self.tokenizer)
-            labels = record_labels(self.adapter, clean) if getattr(self.adapter, "has_labels", False) else None
+            stats = self.adapter.record_stats(clean, self.tokenizer)
+            labels = self.adapter.record_labels(clean) if self.adapter.has_labels else None
             for split in np.unique(clean["_split"]):
                 mask = clean["_split"] == split
                 summary["counts"][split] = int(mask.sum())
@@ -63,19 +63,34 @@ class SummarizeBatch:
         return {"summary": [json.dumps(summary)]}
 
 
-def record_labels(adapter, batch: dict[str, np.ndarray]) -> list[list[str]]:
-    """The label strings of each record: the adapter's ``record_labels`` (e.g. NER tags), else ``label``."""
-    if hasattr(adapter, "record_labels"):
-        return adapter.record_labels(batch)
-    return [[str(x)] for x in batch["label"]]
+@dataclass
+class SplitCheck:
+    """The checks across records that training stops on, decided once for ``rayfine validate``, ``rayfine
+    train`` and the jobs API's file checks (each words the problems for its own audience)."""
+
+    labels: LabelSpace | None = None  # built from the training split's labels (tasks with labels)
+    no_train_records: bool = False
+    held_out_none: bool = False  # data.validation_split carved nothing out of train
+    too_few_labels: bool = False  # a classifier needs at least 2
+    unseen: dict[str, list[str]] = field(default_factory=dict)  # split -> labels train never has
 
 
-def record_stats(adapter, batch: dict[str, np.ndarray], tokenizer) -> dict[str, np.ndarray]:
-    """Per-record counts, summed per split: ``rows`` (the tokenized rows each record becomes: one, or one
-    per window of a long QA context) and the adapter's own checks from its ``record_stats``."""
-    if hasattr(adapter, "record_stats"):
-        return adapter.record_stats(batch, tokenizer)
-    return {"rows": np.ones(len(batch["_error"]), dtype=np.int64)}
+def check_splits(adapter, counts: dict[str, int], label_counts: dict[str, dict[str, int]],
+                 carved: bool) -> SplitCheck:
+    """``counts``: usable records per split; ``label_counts``: label -> count per split (tasks with labels);
+    ``carved``: validation is held out of train (data.validation_split) rather than given."""
+    check = SplitCheck(no_train_records=not counts.get("train"),
+                       held_out_none=carved and bool(counts.get("train")) and not counts.get("validation"))
+    train_labels = label_counts.get("train")
+    if adapter.has_labels and train_labels is not None:
+        check.labels = adapter.build_label_space(train_labels)
+        check.too_few_labels = len(train_labels) < 2
+        known = set(check.labels.names)
+        for split in ("validation", "test"):
+            unseen = [lab for lab in label_counts.get(split, {}) if lab not in known]
+            if unseen:
+                check.unseen[split] = unseen
+    return check
 
 
 @dataclass
@@ -147,36 +162,26 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
 
 
 def _check_splits(cfg: RunConfig, splits: Splits, result: DataSummary, first_seen) -> None:
-    problems = []
-    if not result.counts.get("train"):
-        problems.append("data.train: no usable training records")
-    if not result.counts.get("validation"):
-        if splits.carve:
-            problems.append(f"data.validation_split: {cfg.data.validation_split} of {result.counts.get('train', 0)} "
-                            "records held out none; raise it or set data.validation")
-    train_labels = result.label_counts.get("train")
-    if train_labels is not None:
-        from training.tasks import get_adapter
+    from training.tasks import get_adapter
 
-        adapter = get_adapter(cfg)
-        if hasattr(adapter, "build_label_space"):  # e.g. NER: O, then B-/I- of every entity type
-            result.labels = adapter.build_label_space(train_labels)
-        else:
-            result.labels = LabelSpace.from_counts(train_labels, all(_is_int(x) for x in train_labels))
-        if len(train_labels) < 2:
-            option = getattr(adapter, "label_option", "data.label_column")
-            problems.append(f"{option}: training data has {len(train_labels)} distinct label(s); "
-                            "a classifier needs at least 2")
-        for split in ("validation", "test"):
-            for lab in sorted(set(result.label_counts.get(split, {})) - set(result.labels.names)):
-                problems.append(f"{first_seen[split][lab]}: label '{lab}' in {split} never appears in train; "
-                                "add training examples for it or remove it")
+    adapter = get_adapter(cfg)
+    check = check_splits(adapter, result.counts, result.label_counts, carved=bool(splits.carve))
+    result.labels = check.labels
+    problems = []
+    if check.no_train_records:
+        problems.append("data.train: no usable training records")
+    if check.held_out_none:
+        problems.append(f"data.validation_split: {cfg.data.validation_split} of {result.counts.get('train', 0)} "
+                        "records held out none; raise it or set data.validation")
+    if check.too_few_labels:
+        problems.append(f"{adapter.label_option}: training data has {len(result.label_counts['train'])} distinct "
+                        "label(s); a classifier needs at least 2")
+    for split, unseen in check.unseen.items():
+        for lab in sorted(unseen):
+            problems.append(f"{first_seen[split][lab]}: label '{lab}' in {split} never appears in train; "
+                            "add training examples for it or remove it")
     if problems:
         raise UserError(problems, header="Problems with the data splits:")
-
-
-def _is_int(text: str) -> bool:
-    return text.lstrip("-").isdigit()
 
 
 def count_parameters(cfg: RunConfig, num_labels: int | None) -> int:
@@ -230,17 +235,19 @@ def format_report(cfg: RunConfig, summary: DataSummary, num_params: int) -> str:
     if train:
         lines.append(f"  tokens per epoch (train, after truncation): {train['tokens']:,}")
     lines += _format_rows_and_checks(summary)
+    from training.ds_config import run_engine_shape
     from training.tasks import get_adapter
 
-    lines += getattr(get_adapter(cfg), "report_lines", lambda _: [])(summary)
+    lines += get_adapter(cfg).report_lines(summary)
+    chosen = run_engine_shape(cfg, cfg.scaling.num_workers).stage
     lines += ["", f"parameters: {num_params:,}",
-              f"memory per worker (model states, ZeRO-{cfg.deepspeed.stage}, {cfg.scaling.num_workers} workers, "
+              f"memory per worker (model states, ZeRO-{chosen}, {cfg.scaling.num_workers} workers, "
               "16 bytes/param mixed-precision Adam):"]
     for stage in (0, 1, 2, 3):
         est = estimate_memory_per_worker(num_params, stage, cfg.scaling.num_workers,
                                          cfg.deepspeed.offload_optimizer and stage > 0,
                                          cfg.deepspeed.offload_params and stage == 3)
-        mark = "  <- chosen" if stage == cfg.deepspeed.stage else ""
+        mark = "  <- chosen" if stage == chosen else ""
         cpu = f" + {_fmt_bytes(est.cpu_bytes)} CPU (offload)" if est.cpu_bytes else ""
         lines.append(f"  ZeRO-{stage}: {_fmt_bytes(est.device_bytes)} on the device{cpu}{mark}")
     lines.append("  (activations come on top; they grow with batch_size x max_seq_length)")
@@ -264,16 +271,10 @@ def _format_rows_and_checks(summary: DataSummary) -> list[str]:
     return lines
 
 
-def run_preflight(cfg: RunConfig, address: str | None = None) -> DataSummary:
-    """``rayfine validate``: check config and data, print the report."""
-    from cluster.ray_connect import connect
-    from training.progress import quiet_ray_data
-
-    where = connect(address, num_workers=cfg.scaling.num_workers, serve_proxy=cfg.serve.proxy)
-    quiet_ray_data()
-    print(f"Validating {cfg.output.name} on {where} ...", flush=True)
+def run_preflight(cfg: RunConfig) -> DataSummary:
+    """``rayfine validate``: check config and data, log the report."""
     summary = summarize_data(cfg)
     num_labels = len(summary.labels.names) if summary.labels else None
-    print(format_report(cfg, summary, count_parameters(cfg, num_labels)))
-    print("\nOK: config and data are valid.")
+    logger.info(format_report(cfg, summary, count_parameters(cfg, num_labels)))
+    logger.info("\nOK: config and data are valid.")
     return summary

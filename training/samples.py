@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cluster.config import RunConfig
+from core.config import RunConfig
 
 NUM_SAMPLES = 3
 MAX_NEW_TOKENS = 32

@@ -31,13 +31,24 @@ from pathlib import Path
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from cluster.config import RunConfig, dump_config, load_config, parse_search_space
-from cluster.errors import UserError
-from training.driver import CHECKPOINTS, finalize_run, fit_run, prepare_run_dir
+from core.config import RunConfig, dump_config, load_config, parse_search_space
+from core.errors import UserError
+from core.ray_private import actor_table, placement_groups_of_dead_actors
+from core.run_folder import CHECKPOINTS, RunFolder
+from training.driver import finalize_run, fit_run, prepare_run_dir
 from training.plots import load_metrics
 from training.tune_results import (
-    EVALUATION, FINISHED, STOPPED, TrialRow, collect_trials, error_line, format_params, format_ranked_table,
-    write_results_csv, write_tune_plot)
+    EVALUATION,
+    FINISHED,
+    STOPPED,
+    TrialRow,
+    collect_trials,
+    error_line,
+    format_params,
+    format_ranked_table,
+    write_results_csv,
+    write_tune_plot,
+)
 
 logger = logging.getLogger(__name__)
 # The Tune trial is only the driver of a Train run (its workers take the CPUs/GPUs); it holds a token CPU
@@ -68,7 +79,7 @@ class ReportToTune(TuneReportCallback):
     def __init__(self, metric: str, run_dir: Path):
         super().__init__()
         self.metric = metric
-        self.evaluated = {r["step"] for r in load_metrics(Path(run_dir) / "metrics.jsonl") if metric in r}
+        self.evaluated = {r["step"] for r in load_metrics(RunFolder(Path(run_dir)).metrics) if metric in r}
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if metrics and self.metric in metrics[0]:
@@ -102,7 +113,7 @@ def run_trial(params: dict, base: RunConfig, summary, tune_dir: str) -> None:
     trial_dir = Path(tune_dir) / f"trial_{ray.tune.get_context().get_trial_id()}"
     trial_dir.mkdir(parents=True, exist_ok=True)
     cfg = trial_config(base, params, trial_dir)
-    (trial_dir / "config.yaml").write_text(dump_config(cfg))
+    RunFolder(trial_dir).config.write_text(dump_config(cfg))
     metric = base.tune.metric
     result, _ = fit_run(cfg, summary, trial_dir, callbacks=[ReportToTune(metric, trial_dir)], progress=False)
     if metric not in (result.metrics or {}):
@@ -167,9 +178,9 @@ def fit_concurrency(cfg: RunConfig, local: bool) -> int:
     note = (f"  The cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; a trial takes "
             f"{cpus_per_trial(cfg):g} CPUs ({cfg.scaling.num_workers} workers + {DATA_CPUS_PER_TRIAL} for Ray Data)")
     if not local:
-        print(note + f": trials beyond {max(fits, 1)} wait for resources.", flush=True)
+        logger.info(note + f": trials beyond {max(fits, 1)} wait for resources.")
         return wanted
-    print(note + f": running {max(fits, 1)} trial(s) at once instead of {wanted}.", flush=True)
+    logger.info(note + f": running {max(fits, 1)} trial(s) at once instead of {wanted}.")
     return max(fits, 1)
 
 
@@ -180,22 +191,22 @@ class TuneProgress(Callback):
         self.metric = metric
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        print(f"  trial {trial.trial_id} started: {format_params(trial.config)}", flush=True)
+        logger.info(f"  trial {trial.trial_id} started: {format_params(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else value
-        print(f"  trial {trial.trial_id} eval {result.get(EVALUATION)} step {result.get('step')}/"
-              f"{result.get('total_steps', '?')}: {self.metric} {shown}", flush=True)
+        logger.info(f"  trial {trial.trial_id} eval {result.get(EVALUATION)} step {result.get('step')}/"
+                    f"{result.get('total_steps', '?')}: {self.metric} {shown}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = (trial.last_result or {}).get("final")
-        print(f"  trial {trial.trial_id} {FINISHED if done else STOPPED}", flush=True)
+        logger.info(f"  trial {trial.trial_id} {FINISHED if done else STOPPED}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         path = trial.error_file  # the driver's local copy, written just before this call
         text = Path(path).read_text() if path and Path(path).exists() else ""
-        print(f"  trial {trial.trial_id} failed: {error_line(text)}", flush=True)
+        logger.info(f"  trial {trial.trial_id} failed: {error_line(text)}")
 
 
 class TrainRunSweeper(Callback):
@@ -236,12 +247,11 @@ def sweep_stopped_train_runs(wait_s: float = 0.0, end_leftovers: bool = False) -
     and stays alive too. This asks the GCS directly and does both clean-ups.
     """
     import ray
-    from ray._private.state import state
 
     here = ray.get_runtime_context()
     deadline, removed = time.time() + wait_s, 0
     while True:
-        actors = state.actor_table(None)
+        actors = actor_table()
         removed += _sweep_once(actors, here)
         alive = [a for a in actors.values() if a["ActorClassName"] == "TrainController" and a["State"] != "DEAD"
                  and a["JobID"] == here.get_job_id()]
@@ -264,20 +274,13 @@ def sweep_stopped_train_runs(wait_s: float = 0.0, end_leftovers: bool = False) -
 
 def _sweep_once(actors: dict, here) -> int:
     import ray
-    from ray._private.state import state
-    from ray._raylet import PlacementGroupID
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup
 
     dead = {aid: info for aid, info in actors.items()
             if info["ActorClassName"] == "TrainController" and info["State"] == "DEAD"}
     removed = 0
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and not pg.is_detached
-                and pg.creator_actor_dead and pg.creator_actor_id.hex() in dead):
-            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(pg.placement_group_id)))
-            removed += 1
+    for group in placement_groups_of_dead_actors(set(dead)):
+        ray.util.remove_placement_group(group)
+        removed += 1
     # Each cleaner is owned by the worker of the controller that started it. It has no name, so no handle can
     # be had from here: end its process, only on this node and in this job (our own search's runs).
     where = {(c["Address"].get("IPAddress"), c["Address"].get("Port")) for c in dead.values()}
@@ -296,7 +299,7 @@ def check_same_search(cfg: RunConfig, tune_dir: Path) -> None:
     """Tuner.restore cannot change the search: refuse to resume a folder written with another config."""
     import yaml
 
-    saved_path = tune_dir / "config.yaml"
+    saved_path = RunFolder(tune_dir).config
     if not saved_path.exists():
         return
     saved, now = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(yaml.safe_load(dump_config(cfg)))
@@ -372,43 +375,40 @@ def interrupt_marker():
         signal.signal(signal.SIGINT, previous)
 
 
-def tune_command(cfg: RunConfig, address: str | None = None) -> TuneResult:
-    """``rayfine tune``: search, stop weak trials early, export the best; prints progress and a ranked table.
+def local_workers(cfg: RunConfig) -> int:
+    """Workers a local Ray instance is started for: max_concurrent_trials Train runs (workers + Ray Data each)."""
+    return int(cfg.tune.max_concurrent_trials * cpus_per_trial(cfg)) - 1
 
+
+def tune_command(cfg: RunConfig, local: bool = True) -> TuneResult:
+    """``rayfine tune``: search, stop weak trials early, export the best; logs progress and a ranked table.
+
+    ``local``: Ray is a local instance (trials beyond what it holds would only queue, so fewer run at once).
     Raises UserError when no trial finished, KeyboardInterrupt when the search was interrupted (its state
     is saved: the same command resumes it).
     """
     from ray import tune
 
-    from cluster.ray_connect import connect
     from training.evaluate import format_metrics_table
     from training.preflight import summarize_data
-    from training.progress import quiet_ray_data
 
     param_space = build_param_space(cfg.tune.search_space)  # config problems before anything starts
     t = cfg.tune
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    # A local instance gets CPUs for max_concurrent_trials Train runs (workers + Ray Data each).
-    where = connect(address, num_workers=int(t.max_concurrent_trials * cpus_per_trial(cfg)) - 1,
-                    serve_proxy=cfg.serve.proxy)
-    quiet_ray_data()
-    print(f"rayfine tune: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
-    print("Checking the data ...", flush=True)
+    logger.info("Checking the data ...")
     summary = summarize_data(cfg)  # once for every trial
-    print("  records: " + ", ".join(f"{k} {v:,}" for k, v in summary.counts.items()), flush=True)
-    tune_dir, _ = prepare_run_dir(cfg)  # a finished search (model/) is never overwritten
+    logger.info("  records: " + ", ".join(f"{k} {v:,}" for k, v in summary.counts.items()))
+    cfg, tune_dir, _ = prepare_run_dir(cfg)  # a finished search (model/) is never overwritten
     concurrent = fit_concurrency(cfg, local)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg, summary=summary, tune_dir=str(tune_dir)), TRIAL_DRIVER_RESOURCES)
     if tune.Tuner.can_restore(tune_dir):
         check_same_search(cfg, tune_dir)
-        print(f"Resuming the search in {tune_dir}", flush=True)
+        logger.info(f"Resuming the search in {tune_dir}")
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False)
     else:
-        (tune_dir / "config.yaml").write_text(dump_config(cfg))
-        print(f"Starting the search in {tune_dir}: {t.num_samples} sample(s), {t.scheduler} scheduler, "
-              f"{t.search_alg} search, {concurrent} trial(s) at once of {cfg.scaling.num_workers} worker(s)",
-              flush=True)
+        RunFolder(tune_dir).config.write_text(dump_config(cfg))
+        logger.info(f"Starting the search in {tune_dir}: {t.num_samples} sample(s), {t.scheduler} scheduler, "
+                    f"{t.search_alg} search, {concurrent} trial(s) at once of {cfg.scaling.num_workers} worker(s)")
         tuner = tune.Tuner(
             trainable, param_space=param_space, tune_config=build_tune_config(cfg, concurrent),
             run_config=tune.RunConfig(name=tune_dir.name, storage_path=str(tune_dir.parent), verbose=0,
@@ -421,14 +421,15 @@ def tune_command(cfg: RunConfig, address: str | None = None) -> TuneResult:
     # The last trials' runs, before export, serving or a restore.
     TrainRunSweeper().sweep(wait_s=30, end_leftovers=True)
     if was_interrupted or results.num_terminated + results.num_errors < len(results):
-        print(f"\nSearch interrupted after {time.time() - started:.0f}s; its state is saved in {tune_dir}. "
-              "Run the same command again to resume it (finished trials are not re-run).", flush=True)
+        logger.info(f"\nSearch interrupted after {time.time() - started:.0f}s; its state is saved in {tune_dir}. "
+                    "Run the same command again to resume it (finished trials are not re-run).")
         raise KeyboardInterrupt
+    run = RunFolder(tune_dir)
     rows = collect_trials(results, t.metric, t.mode)
-    write_results_csv(rows, tune_dir / "tune_results.csv", t.metric)
-    write_tune_plot(rows, tune_dir / "plots", t.metric)
-    print(f"\nSearch finished in {time.time() - started:.0f}s. Trials, best first:\n"
-          f"{format_ranked_table(rows, t.metric)}", flush=True)
+    write_results_csv(rows, run.tune_results, t.metric)
+    write_tune_plot(rows, run.plots, t.metric)
+    logger.info(f"\nSearch finished in {time.time() - started:.0f}s. Trials, best first:\n"
+                f"{format_ranked_table(rows, t.metric)}")
     finished = [r for r in rows if r.status == FINISHED]
     if not finished:
         raise UserError([f"trial {r.trial_id}: {r.status}{': ' + r.error if r.error else ''}" for r in rows],
@@ -436,7 +437,7 @@ def tune_command(cfg: RunConfig, address: str | None = None) -> TuneResult:
     best = finished[0]
     done = export_best(best, cfg, tune_dir)
     for split, m in done.metrics.items():
-        print(f"\nBest trial {best.trial_id} ({format_params(best.params)}), {split} metrics:\n"
-              f"{format_metrics_table(m)}")
-    print(f"\nResults: {tune_dir / 'tune_results.csv'}\nModel exported to {done.model_dir}", flush=True)
+        logger.info(f"\nBest trial {best.trial_id} ({format_params(best.params)}), {split} metrics:\n"
+                    f"{format_metrics_table(m)}")
+    logger.info(f"\nResults: {run.tune_results}\nModel exported to {done.model_dir}")
     return TuneResult(tune_dir, done.model_dir, best, rows)

@@ -7,7 +7,6 @@ OpenAI's shape; ``/healthz`` stays open for probes) and the upload cap (413 befo
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -18,13 +17,13 @@ from fastapi import FastAPI, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
 from cluster.api import protocol
-from cluster.api.errors import (APIError, file_too_large, install_error_handlers, not_found, too_large,
-                               unauthorized)
+from cluster.api.errors import APIError, file_too_large, install_error_handlers, not_found, too_large
 from cluster.api.hyperparams import build_job_config, resolve
 from cluster.api.runner import JobRunner, default_client_factory
 from cluster.api.settings import ApiSettings
 from cluster.api.store import BadCursor, Store, new_id
 from cluster.api.validation import check_upload
+from core.openai_errors import bearer_key_ok, send_unauthorized
 
 logger = logging.getLogger("cluster.api")
 OPEN_PATHS = frozenset({"/healthz"})
@@ -68,11 +67,8 @@ class ApiKeyAuth:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and self.keys and scope["path"] not in OPEN_PATHS:
-            headers = dict(scope.get("headers") or [])
-            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            # compare_digest: no timing hints about how much of a key matched
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in self.keys):
-                return await unauthorized()(scope, receive, send)
+            if not bearer_key_ok(dict(scope.get("headers") or []), self.keys):
+                return await send_unauthorized(send)
         await self.app(scope, receive, send)
 
 

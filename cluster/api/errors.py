@@ -1,8 +1,8 @@
 """OpenAI's error shape for every failure a client of ``rayfine api`` can see.
 
 ``{"error": {"message", "type", "param", "code"}}``; the official ``openai`` package turns these into its
-typed exceptions (``BadRequestError``, ``AuthenticationError``, ``NotFoundError``, ...). Serving has the
-same shape; it is repeated here because ``cluster`` never imports ``serving``.
+typed exceptions (``BadRequestError``, ``AuthenticationError``, ``NotFoundError``, ...). The shape itself is
+``core.openai_errors``, shared with the Serve app.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 500: "server_error", 503: "server_error"}
+from core.openai_errors import error_body, error_type
 
 
 class APIError(Exception):
@@ -27,22 +25,11 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, _TYPES.get(self.status, "invalid_request_error"), self.param, self.code)
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+        return error_body(self.message, error_type(self.status), self.param, self.code)
 
 
 def not_found(kind: str, object_id: str, param: Optional[str] = None) -> APIError:
     return APIError(404, f"No such {kind}: '{object_id}'.", param=param, code="not_found")
-
-
-def unauthorized() -> JSONResponse:
-    return JSONResponse(error_body("Missing or invalid API key: send 'Authorization: Bearer KEY'.",
-                                   "authentication_error", None, "invalid_api_key"),
-                        status_code=401, headers={"www-authenticate": "Bearer"})
 
 
 def file_too_large(limit_bytes: int) -> APIError:
@@ -85,7 +72,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = "No such route." if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(error_body(message, _TYPES.get(exc.status_code, "invalid_request_error"), None, code),
+        return JSONResponse(error_body(message, error_type(exc.status_code), None, code),
                             status_code=exc.status_code)
 
     @app.exception_handler(Exception)

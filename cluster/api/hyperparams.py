@@ -26,7 +26,7 @@ from typing import Optional, Union
 from pydantic import ValidationError
 
 from cluster.api.errors import APIError
-from cluster.config import RunConfig, TuneConfig
+from core.config import RunConfig, TuneConfig
 
 Auto = Union[str, int, float, None]
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from core.run_folder import RunFolder
+
 logger = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.json"  # training.loop.STATE_FILE: written by rank 0 into every checkpoint
 
 
 def read_new_metrics(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
@@ -77,7 +78,7 @@ class CheckpointInfo:
 def scan_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     """Complete checkpoints now in the run folder, oldest first (a half-copied one is skipped until done)."""
     found = []
-    for state_path in sorted((run_dir / "checkpoints").glob(f"checkpoint_*/{STATE_FILE}")):
+    for state_path in RunFolder(run_dir).trainer_states():
         try:
             state = json.loads(state_path.read_text())
             found.append(CheckpointInfo(state_path.parent.name, int(state["global_step"]),

@@ -26,8 +26,10 @@ from cluster.api import progress
 from cluster.api.errors import APIError
 from cluster.api.store import ACTIVE, TERMINAL, Store, new_id
 from cluster.api.validation import check_job_files
-from cluster.config import RunConfig
-from cluster.errors import UserError
+from core.config import RunConfig
+from core.errors import UserError
+from core.model_folder import MODEL_INFO
+from core.run_folder import RunFolder
 
 logger = logging.getLogger("cluster.api")
 SUBMIT_ATTEMPTS = 5  # consecutive failed submissions before a job fails (the cluster may be restarting)
@@ -232,7 +234,7 @@ class JobRunner:
                       f"{LOST_AFTER_S:.0f}s: {message}")
 
     def _succeeded(self, job: dict[str, Any], state) -> None:
-        meta = Path(job["run_dir"] or "") / "model" / "rayfine.json"
+        meta = RunFolder(Path(job["run_dir"] or "")).model / MODEL_INFO
         if not meta.is_file():
             return self.fail(job, "no_model_exported", f"The Ray job {job['ray_job_id']} succeeded but {meta} does "
                              "not exist; is the run folder on storage this server shares with the cluster?")
@@ -260,7 +262,7 @@ class JobRunner:
         if not job["run_dir"]:
             return
         run_dir = Path(job["run_dir"])
-        records, offset = progress.read_new_metrics(run_dir / "metrics.jsonl", job["metrics_offset"])
+        records, offset = progress.read_new_metrics(RunFolder(run_dir).metrics, job["metrics_offset"])
         if records:
             total = job["total_steps"]
             events = []

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from cluster.api.settings import ApiSettings, load_base_models
-from cluster.errors import UserError
+from core.errors import UserError
+from core.openai_errors import read_api_keys
 
 logger = logging.getLogger("cluster.api")
 DEFAULT_DATA_DIR = "~/.rayfine/api"
-
-
-def read_api_keys(env_var: str) -> frozenset[str]:
-    raw = os.environ.get(env_var, "")
-    return frozenset(key.strip() for key in raw.split(",") if key.strip())
 
 
 def settings_from_args(args: argparse.Namespace) -> ApiSettings:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cluster.config import RunConfig, load_config
-from cluster.errors import UserError
+from core.config import RunConfig, load_config
+from core.errors import UserError
 
 # A base name is part of ``ft:BASE:SUFFIX:JOBID``, so it must not contain ':'.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

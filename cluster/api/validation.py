@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from cluster.config import RunConfig
-from cluster.jsonl import parse_record
+from core.config import RunConfig
+from training.formats import parse_record
+from training.preflight import check_splits
 
 MAX_PROBLEMS = 20
 
@@ -148,11 +149,7 @@ def _scan(path: Path, cfg: RunConfig, adapter, carve: float) -> _Scan:
 
 def _record_labels(adapter, row: dict) -> list[str]:
     """The label strings of one record, as pre-flight counts them (NER: its tags)."""
-    if not getattr(adapter, "has_labels", False):
-        return []
-    if hasattr(adapter, "record_labels"):
-        return adapter.record_labels({k: [v] for k, v in row.items()})[0]
-    return [str(row["label"])]
+    return adapter.record_labels({k: [v] for k, v in row.items()})[0] if adapter.has_labels else []
 
 
 def check_job_files(cfg: RunConfig, train: dict, validation: Optional[dict]) -> Optional[FileProblem]:
@@ -165,24 +162,25 @@ def check_job_files(cfg: RunConfig, train: dict, validation: Optional[dict]) -> 
         return FileProblem("invalid_training_file", "training_file", f"{where} is invalid: {tr.problems.summary()}")
     if tr.records == 0:
         return FileProblem("invalid_training_file", "training_file", f"{where} has no usable training records.")
-    if carve and tr.held_out == 0:
+    va = _scan(Path(validation["path"]), cfg, adapter, 0.0) if validation else None
+    counts = {"train": tr.records, "validation": va.records if va else tr.held_out}
+    label_counts = {"train": dict(tr.labels)} if adapter.has_labels else {}
+    if va and adapter.has_labels:
+        label_counts["validation"] = dict(va.labels)
+    check = check_splits(adapter, counts, label_counts, carved=bool(carve))
+    if check.held_out_none:
         return FileProblem("invalid_training_file", "training_file",
                            f"{where}: holding out {carve:g} of its {tr.records} records for validation "
                            "(data.validation_split) held out none; upload a validation_file or more records.")
-    names: set[str] = set(tr.labels)
-    if getattr(adapter, "has_labels", False):
-        if hasattr(adapter, "build_label_space"):
-            names = set(adapter.build_label_space(dict(tr.labels)).names)
-        if len(tr.labels) < 2:
-            return FileProblem("invalid_training_file", "training_file",
-                               f"{where} has {len(tr.labels)} distinct label(s) ({', '.join(sorted(tr.labels))}); "
-                               "a classifier needs at least 2.")
-    if validation is None:
+    if check.too_few_labels:
+        return FileProblem("invalid_training_file", "training_file",
+                           f"{where} has {len(tr.labels)} distinct label(s) ({', '.join(sorted(tr.labels))}); "
+                           "a classifier needs at least 2.")
+    if va is None:
         return None
-    va = _scan(Path(validation["path"]), cfg, adapter, 0.0)
     where = f"The validation file {validation['id']} ({validation['filename']})"
     problems = va.problems
-    for label in sorted(set(va.labels) - names, key=lambda lab: va.first_seen[lab]):
+    for label in sorted(check.unseen.get("validation", []), key=lambda lab: va.first_seen[lab]):
         problems.add(f"line {va.first_seen[label]}: label '{label}' never appears in the training file")
     if problems.total:
         return FileProblem("invalid_validation_file", "validation_file", f"{where} is invalid: {problems.summary()}")

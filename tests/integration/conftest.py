@@ -31,7 +31,7 @@ def ray_local():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    from training.progress import quiet_ray_data
+    from core.ray_connect import quiet_ray_data
 
     quiet_ray_data()
     yield ray

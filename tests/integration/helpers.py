@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cluster.config import load_config
+from core.config import load_config
 from tests.conftest import sentiment_rows, write_jsonl
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
-from cluster.errors import UserError
+from core.errors import UserError
 from tests.integration.helpers import classification_config, read_metrics
 from training.driver import train
 

@@ -47,7 +47,7 @@ class Apps(dict):
 
 @pytest.fixture(scope="module")
 def urls(models):
-    from cluster.config import ServeConfig
+    from core.config import ServeConfig
     from serving.deploy import deploy
 
     owner = start_ray()

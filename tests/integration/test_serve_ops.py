@@ -33,7 +33,7 @@ def serve_port():
 
 
 def deploy_app(models, port, task, name, **serve):
-    from cluster.config import ServeConfig
+    from core.config import ServeConfig
     from serving.deploy import deploy
 
     cfg = ServeConfig(port=port, route_prefix=f"/{name}", cpus_per_replica=0.5, threads_per_replica=1,
@@ -143,8 +143,8 @@ def test_killed_replica_is_replaced(models, serve_port):
 
 
 def test_serve_command_detached_reuses_the_running_serve(models, serve_port, capsys):
-    from serving.deploy import serve_command
     from cluster.ingress import LABELS
+    from cluster.serve_command import serve_command
 
     folder = models["question_answering"]
     code = serve_command(str(folder), ["serve.route_prefix=/cli", f"serve.port={free_port()}",
@@ -161,7 +161,7 @@ def test_serve_command_detached_reuses_the_running_serve(models, serve_port, cap
 def test_config_out_for_a_model_folder(models, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.deploy import serve_command
+    from cluster.serve_command import serve_command
 
     out = tmp_path / "serve.yaml"
     code = serve_command(str(models["sequence_classification"]),
@@ -186,7 +186,7 @@ def test_config_out_for_a_model_folder(models, tmp_path):
 def test_config_out_for_a_run_config(models, tmp_path):
     import shutil
 
-    from serving.deploy import serve_command
+    from cluster.serve_command import serve_command
 
     run_dir = tmp_path / "runs" / "demo"
     shutil.copytree(models["sequence_classification"], run_dir / "model")
@@ -203,8 +203,8 @@ def test_config_out_for_a_run_config(models, tmp_path):
 
 
 def test_serve_command_user_errors(models, tmp_path):
-    from cluster.errors import ConfigError, UserError
-    from serving.deploy import serve_command
+    from cluster.serve_command import serve_command
+    from core.errors import ConfigError, UserError
 
     with pytest.raises(UserError, match="not found"):
         serve_command(str(tmp_path / "missing"), [], None, False, None)
@@ -222,13 +222,13 @@ def test_serve_command_user_errors(models, tmp_path):
 def test_a_model_that_cannot_load_is_a_user_error(models, serve_port, tmp_path):
     import shutil
 
-    from cluster.errors import UserError
+    from core.errors import UserError
     from serving.deploy import deploy
 
     broken = tmp_path / "broken"
     shutil.copytree(models["sequence_classification"], broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors")
-    from cluster.config import ServeConfig
+    from core.config import ServeConfig
 
     with pytest.raises(UserError, match="failed to start: .*Safetensor"):
         deploy(broken, ServeConfig(port=serve_port, route_prefix="/broken", cpus_per_replica=0.5), name="broken")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import load_config
+from core.config import load_config
 from tests.conftest import chat_rows, write_jsonl
 from tests.integration.helpers import read_metrics
 from training.driver import train

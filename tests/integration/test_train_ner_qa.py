@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster.config import load_config
+from core.config import load_config
 from tests.conftest import write_jsonl
 from tests.integration.helpers import read_metrics
 from training.driver import train

@@ -6,7 +6,7 @@ import pytest
 
 from cluster.api.errors import APIError
 from cluster.api.hyperparams import base_total_batch, build_job_config, resolve, split_batch
-from cluster.config import load_config
+from core.config import load_config
 
 
 def base_config(**training):
@@ -83,7 +83,7 @@ def test_job_config_is_the_base_plus_hyperparameters_only():
 
 def test_a_base_that_holds_out_nothing_needs_a_validation_file():
     base = base_config()
-    base.data.validation_split = 0.0
+    base = base.model_copy(update={"data": base.data.model_copy(update={"validation_split": 0.0})})
     with pytest.raises(APIError) as err:
         build_job_config(base, resolve(base), seed=1, train_path="/t.jsonl", validation_path=None, storage="/s",
                          job_id="ftjob-x", model_id="ft:b::ftjob-x")

@@ -7,7 +7,7 @@ import yaml
 
 from cluster.api.settings import load_base_models, parse_base_model_arg
 from cluster.cli import main
-from cluster.errors import UserError
+from core.errors import UserError
 
 
 def write_config(path, **extra):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from cluster.api.validation import check_job_files, check_upload
-from cluster.config import load_config
+from core.config import load_config
 from tests.conftest import chat_rows, sentiment_rows, write_jsonl
 
 

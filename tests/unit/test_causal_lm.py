@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import load_config
+from core.config import load_config
 from tests.conftest import minilm_dir
 from training.tasks.base import ParseError
 from training.tasks.causal_lm import IGNORE, CausalLM, ensure_chat_template, pack_rows

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import load_config, parse_overrides
-from cluster.errors import ConfigError
+from core.config import load_config, parse_overrides
+from core.errors import ConfigError
 from tests.conftest import REPO
 
 SHIPPED = sorted([REPO / "ray_config.yaml", *REPO.glob("examples/*.yaml")])

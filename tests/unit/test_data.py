@@ -6,11 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.config import load_config
-from cluster.errors import UserError
+from core.config import load_config
+from core.errors import UserError
 from training.data import expand_inputs, iter_raw_records, read_shard_rows, split_of
-from training.preflight import _is_int
-from training.tasks.base import LabelSpace
+from training.tasks.base import LabelSpace, TaskAdapter
 
 
 def cfg_for(train, **data):
@@ -120,6 +119,6 @@ def test_validation_carve_is_deterministic_and_near_the_fraction():
 
 def test_label_space_sorts_ints_numerically():
     counts = {"10": 1, "2": 1, "1": 1}
-    space = LabelSpace.from_counts(counts, numeric=all(_is_int(x) for x in counts))
+    space = TaskAdapter.build_label_space(counts)
     assert space.names == ["1", "2", "10"] and space.label2id["10"] == 2
     assert LabelSpace.from_counts({"pos": 1, "neg": 2}, numeric=False).names == ["neg", "pos"]

@@ -1,7 +1,13 @@
 import pytest
 
-from cluster.config import load_config
-from training.ds_config import build_deepspeed_config, estimate_memory_per_worker, resolve_precision
+from core.config import load_config
+from training.ds_config import (
+    build_deepspeed_config,
+    engine_shape,
+    estimate_memory_per_worker,
+    resolve_precision,
+    run_engine_shape,
+)
 
 
 def cfg_with(**sections):
@@ -71,3 +77,23 @@ def test_memory_estimate_divides_as_zero_does():
     off = estimate_memory_per_worker(n, 3, p, offload_optimizer=True, offload_params=True)
     assert off.device_bytes == 2 * n / p  # only the 16-bit gradient partition stays on the device
     assert off.cpu_bytes == 12 * n / p + 2 * n / p
+
+
+def test_native_keys_own_the_engine_shape():
+    """deepspeed.config is merged last, and what the engine runs with is read back from the derived config."""
+    cfg = cfg_with(deepspeed={"stage": 2, "config": {"zero_optimization": {"stage": 3},
+                                                     "train_micro_batch_size_per_gpu": 4,
+                                                     "gradient_accumulation_steps": 2}})
+    ds = build_deepspeed_config(cfg, world_size=2, total_steps=10, use_gpu=False, num_params=1_000_000)
+    shape = engine_shape(ds)
+    assert (shape.stage, shape.micro_batch_per_worker, shape.gradient_accumulation_steps) == (3, 4, 2)
+    assert ds["train_batch_size"] == 4 * 2 * 2
+    # ZeRO-3's own settings follow the stage that runs, not deepspeed.stage
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert run_engine_shape(cfg, world_size=2) == shape
+
+
+def test_a_native_train_batch_size_sets_accumulation():
+    cfg = cfg_with(training={"batch_size": 4}, deepspeed={"config": {"train_batch_size": 32}})
+    ds = build_deepspeed_config(cfg, world_size=2, total_steps=10, use_gpu=False)
+    assert engine_shape(ds).gradient_accumulation_steps == 4 and ds["train_batch_size"] == 32

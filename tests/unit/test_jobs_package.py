@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.errors import UserError
-from cluster.jobs import _package_data, failure_reason, jobs_address, JobState
+from cluster.jobs import JobState, _package_data, failure_reason, jobs_address
+from core.errors import UserError
 
 
 def test_files_folders_and_globs_are_copied_and_uris_pass_through(tmp_path):

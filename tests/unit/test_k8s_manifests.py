@@ -14,13 +14,13 @@ import copy
 import json
 import os
 import re
-import tomllib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -613,7 +613,7 @@ def test_rayjob_trains_the_configmap_config_on_gpus():
 
 
 def test_run_config_in_the_configmap_is_valid():
-    from cluster.config import load_config  # pydantic only: no Ray, no torch
+    from core.config import load_config  # pydantic only: no Ray, no torch
 
     cfg = load_config(raw=run_config_raw())
     assert cfg.scaling.use_gpu is True, "the RayJob runs GPU workers: scaling.use_gpu: true"
@@ -623,7 +623,7 @@ def test_run_config_in_the_configmap_is_valid():
 
 
 def test_rayservice_serves_the_trained_model():
-    from cluster.config import ServeConfig, load_config
+    from core.config import ServeConfig, load_config
 
     service = the_one("RayService")
     config = serve_config()
@@ -689,7 +689,7 @@ def test_serve_config_is_what_rayfine_serve_writes():
     the deployment name, options and args stay in step with the app (a deployments entry naming a deployment
     the app does not define fails the deploy)."""
     deploy = pytest.importorskip("serving.deploy")  # imports Ray Serve (no cluster)
-    from cluster.config import ServeConfig
+    from core.config import ServeConfig
 
     config = serve_config()
     for app in config["applications"]:

@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from cluster.config import load_config
+from core.config import load_config
 from tests.conftest import minilm_dir
 from training.data import expand_inputs, read_shard_rows
-from training.tasks.token_classification import IGNORE, TokenClassification, align_labels, check_tags
 from training.tasks.base import ParseError
+from training.tasks.token_classification import IGNORE, TokenClassification, align_labels, check_tags
 
 
 def ner_cfg(train="train.jsonl", **data):

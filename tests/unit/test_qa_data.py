@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from cluster.config import load_config
-from cluster.errors import ConfigError
+from core.config import load_config
+from core.errors import ConfigError
 from tests.conftest import minilm_dir
 from training.data import read_shard_rows
 from training.preflight import DataSummary, _format_rows_and_checks

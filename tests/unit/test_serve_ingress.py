@@ -11,10 +11,10 @@ from importlib.metadata import version
 import pytest
 import yaml
 
-from cluster.config import ServeConfig, load_config
-from cluster.errors import ConfigError
 from cluster import ingress
 from cluster.ingress import HAPROXY_ENV, LOCAL_ENV, haproxy_binary, use_ingress
+from core.config import ServeConfig, load_config
+from core.errors import ConfigError
 from tests.conftest import REPO
 
 

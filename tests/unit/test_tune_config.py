@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from cluster.config import load_config, parse_search_space
-from cluster.errors import ConfigError, UserError
+from core.config import load_config, parse_search_space
+from core.errors import ConfigError, UserError
 from tests.conftest import REPO
 
 BASE = {"model": {"name_or_path": "some/model"}, "data": {"train": "train.jsonl"}}
@@ -194,7 +194,7 @@ def test_error_line_finds_the_message_inside_rays_traceback():
     text = ("ray.exceptions.RayTaskError(UserError): ray::ImplicitFunc.train() (pid=1)\n"
             '  File "training/driver.py", line 211, in fit_run\n'
             '    raise UserError(f"training failed: {_root_cause(exc)}\\n  The run folder {run_dir} keeps "\n'
-            "cluster.errors.UserError: training failed: loss is nan at step 10: training diverged; lower "
+            "core.errors.UserError: training failed: loss is nan at step 10: training diverged; lower "
             "training.learning_rate\n  The run folder /x keeps its checkpoints\n")
     assert error_line(text) == ("training failed: loss is nan at step 10: training diverged; lower "
                                 "training.learning_rate")
@@ -202,7 +202,7 @@ def test_error_line_finds_the_message_inside_rays_traceback():
 
 
 def test_resuming_refuses_a_changed_search(tmp_path):
-    from cluster.config import dump_config
+    from core.config import dump_config
     from training.tune import check_same_search
 
     cfg = load_config(raw=with_space("training.learning_rate: {loguniform: [1.0e-5, 1.0e-3]}"))

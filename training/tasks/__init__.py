@@ -1,13 +1,13 @@
-"""Task adapters: one per task, the seam between data, model and metrics."""
+"""Task adapters: one per task, the seam between data, model and metrics (see ``training.tasks.base``)."""
 
 from __future__ import annotations
 
-from cluster.config import RunConfig
-from cluster.errors import ConfigError
+from core.config import RunConfig
+from training.tasks.base import TaskAdapter
 
 
-def get_adapter(cfg: RunConfig):
-    """The adapter for ``cfg.task``."""
+def get_adapter(cfg: RunConfig) -> TaskAdapter:
+    """The adapter for ``cfg.task`` (the config schema admits only the four tasks below)."""
     if cfg.task == "sequence_classification":
         from training.tasks.sequence_classification import SequenceClassification
 
@@ -20,9 +20,6 @@ def get_adapter(cfg: RunConfig):
         from training.tasks.question_answering import QuestionAnswering
 
         return QuestionAnswering(cfg)
-    if cfg.task == "causal_lm":
-        from training.tasks.causal_lm import CausalLM
+    from training.tasks.causal_lm import CausalLM
 
-        return CausalLM(cfg)
-    raise ConfigError(f"task: {cfg.task!r} is not available in this version of rayfine; use task: "
-                      "sequence_classification, token_classification or question_answering")
+    return CausalLM(cfg)

@@ -1,25 +1,29 @@
-"""The task adapter seam: what differs between tasks, and nothing else.
+"""The task adapter seam: what differs between tasks, and nothing else (``TaskAdapter``).
 
 The data pipeline, the DeepSpeed train loop, evaluation and export are shared. A task supplies:
 
 - ``parse_record``: check one raw record and normalize it into the task's columns (or say what is wrong);
 - ``tokenize``: turn a batch of normalized records into model inputs (runs in Ray Data actors);
 - ``collate``: pad a batch of tokenized rows into tensors (runs in the train workers);
-- ``build_model``: the Hugging Face model with the task's head;
+- ``auto_model`` and ``model_kwargs``: the Hugging Face model class with the task's head, and its arguments;
 - ``eval_outputs``: from one evaluation batch and the model's outputs to small per-example results
   (gathered from every rank);
 - ``compute_metrics``: from all per-example results to the task's metrics.
 
 ``collate`` returns the model's inputs including its loss targets, so ``model(**inputs).loss`` is the
-training loss for every task.
+training loss for every task. The optional hooks (labels, pre-flight stats and report lines, tokenizer
+preparation) have defaults on ``TaskAdapter``; a task overrides what it needs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from core.config import RunConfig
 
 
 @dataclass
@@ -83,3 +87,68 @@ def text_field(record: dict[str, Any], column: str, option: str, required: bool 
     if not value.strip():
         raise ParseError(f"'{column}' is empty")
     return value
+
+
+class TaskAdapter:
+    """What a task supplies to the shared pipeline. Subclasses set the class attributes and implement the
+    methods that raise NotImplementedError; the others are defaults for optional hooks."""
+
+    name: str = ""
+    auto_model: str = ""  # the transformers Auto class of the task's head, e.g. AutoModelForSequenceClassification
+    has_labels: bool = False  # records carry class labels (counted in pre-flight, saved with the model)
+    label_option: str = "data.label_column"  # the config key that names the labels, for messages
+
+    def __init__(self, cfg: "RunConfig"):
+        self.cfg = cfg
+        self.data = cfg.data
+
+    # ---- records ---------------------------------------------------------------------------------
+    def parse_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """One raw record, checked and normalized into the task's columns; ParseError names the problem."""
+        raise NotImplementedError
+
+    @staticmethod
+    def empty_record() -> dict[str, Any]:
+        """The task's columns for a record that failed ``parse_record`` (kept, to report it)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def record_labels(batch: dict[str, np.ndarray]) -> list[list[str]]:
+        """The label strings of each record (tasks with labels): by default its ``label``."""
+        return [[str(x)] for x in batch["label"]]
+
+    @staticmethod
+    def build_label_space(counts: dict[str, int]) -> LabelSpace:
+        """The label space from the training split's label counts: sorted, as ints when all are ints."""
+        return LabelSpace.from_counts(counts, all(str(x).lstrip("-").isdigit() for x in counts))
+
+    def record_stats(self, batch: dict[str, np.ndarray], tokenizer) -> dict[str, np.ndarray]:
+        """Per-record counts that pre-flight sums per split: ``rows`` (the tokenized rows each record becomes)
+        plus any checks of the task's own."""
+        return {"rows": np.ones(len(next(iter(batch.values()))), dtype=np.int64)}
+
+    def report_lines(self, summary) -> list[str]:
+        """Extra lines of the ``rayfine validate`` report."""
+        return []
+
+    # ---- tokens and model ------------------------------------------------------------------------
+    @staticmethod
+    def prepare_tokenizer(tokenizer) -> None:
+        """Adjust the tokenizer before use (saved with the export), e.g. a chat template."""
+
+    def tokenize(self, batch: dict[str, np.ndarray], tokenizer, labels: LabelSpace | None,
+                 truncate: bool = True) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def collate(self, batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def model_kwargs(self, labels: LabelSpace | None) -> dict[str, Any]:
+        """``from_pretrained`` arguments of the task's head."""
+        return {}
+
+    def eval_outputs(self, batch: dict[str, np.ndarray], inputs: dict, outputs) -> list[dict]:
+        raise NotImplementedError
+
+    def compute_metrics(self, results: list[dict], label_space: LabelSpace | None) -> dict:
+        raise NotImplementedError

@@ -1,6 +1,6 @@
 """Causal-LM supervised fine-tuning: OpenAI chat JSONL, prompt/completion pairs, or plain text.
 
-Chat records are rendered with the tokenizer's chat template (``DEFAULT_CHAT_TEMPLATE`` when it has none; the
+Chat records are rendered with the tokenizer's chat template (``core.model_folder.DEFAULT_CHAT_TEMPLATE`` when it has none; the
 template is saved with the exported model, so serving renders prompts exactly as training did). The loss
 covers assistant tokens only (completion tokens for prompt/completion) unless ``data.train_on_prompt``.
 """
@@ -13,24 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from cluster.config import RunConfig
-from training.tasks.base import LabelSpace, ParseError, pad_sequences
+from core.model_folder import DEFAULT_CHAT_TEMPLATE
+from training.tasks.base import LabelSpace, ParseError, TaskAdapter, pad_sequences
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = {"role", "content", "weight", "name"}
 RECORD_KEYS = {"messages"}
-
-# Used when the tokenizer has no chat template: a role header line, the content, the end-of-sequence token.
-# The assistant's content and its EOS are the training targets, so a served model learns where to stop.
-# Example: [{"role": "user", "content": "Hi"}] with a generation prompt renders as "<|user|>\nHi</s>\n<|assistant|>\n".
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
 
 def ensure_chat_template(tokenizer) -> None:
     """Give the tokenizer a pad token and a chat template if it lacks them (saved with the export)."""
@@ -72,14 +61,10 @@ def check_chat(record: dict[str, Any]) -> list[dict]:
     return messages
 
 
-class CausalLM:
+class CausalLM(TaskAdapter):
     name = "causal_lm"
     has_labels = False
     auto_model = "AutoModelForCausalLM"
-
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.data = cfg.data
 
     def report_lines(self, summary) -> list[str]:
         """Pre-flight additions: billed-style token counts and the padding saved by packing."""

@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from cluster.config import RunConfig
-from cluster.errors import UserError
+from core.errors import UserError
 from training.span_metrics import squad_metrics
-from training.tasks.base import LabelSpace, ParseError, padded_inputs, text_field
+from training.tasks.base import LabelSpace, ParseError, TaskAdapter, padded_inputs, text_field
 
 SPECIAL_TOKENS = 3  # [CLS] question [SEP] context [SEP]
 
@@ -89,14 +88,10 @@ def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, offset_start: n
     return float(start_logits[cls_index] + end_logits[cls_index]), spans[:n_best]
 
 
-class QuestionAnswering:
+class QuestionAnswering(TaskAdapter):
     name = "question_answering"
     has_labels = False
     auto_model = "AutoModelForQuestionAnswering"
-
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.data = cfg.data
 
     # ---- records -------------------------------------------------------------------------------
     def parse_record(self, record: dict[str, Any]) -> dict[str, Any]:

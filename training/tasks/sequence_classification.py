@@ -6,19 +6,14 @@ from typing import Any
 
 import numpy as np
 
-from cluster.config import RunConfig
 from training.metrics import classification_metrics
-from training.tasks.base import LabelSpace, ParseError, label_head_kwargs, padded_inputs, text_field
+from training.tasks.base import LabelSpace, ParseError, TaskAdapter, label_head_kwargs, padded_inputs, text_field
 
 
-class SequenceClassification:
+class SequenceClassification(TaskAdapter):
     name = "sequence_classification"
     has_labels = True
     auto_model = "AutoModelForSequenceClassification"
-
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.data = cfg.data
 
     # ---- records -------------------------------------------------------------------------------
     def parse_record(self, record: dict[str, Any]) -> dict[str, Any]:

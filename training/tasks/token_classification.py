@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from cluster.config import RunConfig
-from cluster.errors import UserError
+from core.errors import UserError
 from training.span_metrics import entity_metrics, split_tag
-from training.tasks.base import LabelSpace, ParseError, label_head_kwargs, pad_sequences, padded_inputs
+from training.tasks.base import LabelSpace, ParseError, TaskAdapter, label_head_kwargs, pad_sequences, padded_inputs
 
 IGNORE = -100  # the label id torch's cross-entropy skips
 
@@ -59,15 +58,11 @@ def _string_list(value: Any, column: str, option: str) -> list[str]:
     return list(value)
 
 
-class TokenClassification:
+class TokenClassification(TaskAdapter):
     name = "token_classification"
     has_labels = True
     auto_model = "AutoModelForTokenClassification"
     label_option = "data.tags_column"
-
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.data = cfg.data
 
     # ---- records -------------------------------------------------------------------------------
     def parse_record(self, record: dict[str, Any]) -> dict[str, Any]:

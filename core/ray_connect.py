@@ -1,4 +1,8 @@
-"""Connecting to Ray: the cluster at --address / RAY_ADDRESS, else a local instance."""
+"""Connecting to Ray: the cluster at --address / RAY_ADDRESS, else a new local instance.
+
+Only the top layer (``cluster``) calls ``connect``, once per command, before it calls into ``training`` or
+``serving``; library code assumes Ray is up.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,12 @@ def local_num_cpus(num_workers: int = 1) -> int:
     return max(cores, num_workers + 1)
 
 
-def connect(address: str | None = None, num_workers: int = 1, serve_proxy: str | None = None) -> str:
+def is_local(address: str | None) -> bool:
+    """Whether ``connect(address)`` starts (or has started) a local instance rather than joining a cluster."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def connect(address: str | None = None, num_workers: int = 1) -> str:
     """Start or join Ray and return a description of where we are running.
 
     Workers' own logs stay in Ray's log folder unless RAYFINE_VERBOSE=1: the terminal shows the run's
@@ -28,14 +37,13 @@ def connect(address: str | None = None, num_workers: int = 1, serve_proxy: str |
     """
     import ray
 
-    # Ray Serve's proxy answers its own errors (timeouts, overload) in OpenAI's error shape.
-    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.errors:proxy_middlewares")
     verbose = os.environ.get("RAYFINE_VERBOSE", "") not in ("", "0")
     if not verbose:
         from ray.util.annotations import RayDeprecationWarning
 
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
     if ray.is_initialized():
+        quiet_ray_data()
         return "existing Ray session"
     address = address or os.environ.get("RAY_ADDRESS")
     # Workers started by a local instance inherit this process's environment.
@@ -48,12 +56,21 @@ def connect(address: str | None = None, num_workers: int = 1, serve_proxy: str |
     )
     if address:
         ray.init(address=address, **kwargs)
-        return f"Ray cluster at {address}"
-    # Serve's HTTP ingress is fixed when Ray starts: serve.proxy's default (HAProxy) unless the env already
-    # chose (RAY_SERVE_ENABLE_HA_PROXY) or no HAProxy binary is installed; see cluster.ingress.
-    from cluster.ingress import use_ingress
+        where = f"Ray cluster at {address}"
+    else:
+        # "local": a new instance even when `ray start` runs on this machine (join one with --address).
+        ray.init(address="local", num_cpus=local_num_cpus(num_workers), include_dashboard=False, **kwargs)
+        where = f"local Ray ({local_num_cpus(num_workers)} logical CPUs)"
+    quiet_ray_data()
+    return where
 
-    use_ingress(serve_proxy)  # serve.proxy of the run's config: `rayfine run` serves on the Ray it trains on
-    # "local": a new instance even when `ray start` runs on this machine (join one with --address).
-    ray.init(address="local", num_cpus=local_num_cpus(num_workers), include_dashboard=False, **kwargs)
-    return f"local Ray ({local_num_cpus(num_workers)} logical CPUs)"
+
+def quiet_ray_data() -> None:
+    """Ray Data progress bars and per-operator logs drown the run's own progress on a terminal."""
+    from ray.data import DataContext
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False

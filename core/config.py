@@ -15,14 +15,27 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.errors import ConfigError
+from core.errors import ConfigError
 
 TASKS = ("sequence_classification", "token_classification", "question_answering", "causal_lm")
 DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "conll", "squad")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # frozen: a config is checked once, as a whole; code that needs another value builds another config
+    # (model_copy), so nothing can change it past its checks.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def rules(self) -> list[str]:
+        """Values valid alone but not together, each problem naming its key path and the fix (none here)."""
+        return []
+
+    @model_validator(mode="after")
+    def _check_rules(self):
+        problems = self.rules()
+        if problems:
+            raise ValueError("\n".join(problems))  # load_config lists them one per line
+        return self
 
 
 class LoraConfig(_Section):
@@ -106,6 +119,14 @@ class DeepSpeedConfig(_Section):
     offload_params: bool = False
     config: dict[str, Any] = Field(default_factory=dict, description="native DeepSpeed keys, merged last")
 
+    def rules(self) -> list[str]:
+        problems = []
+        if self.offload_params and self.stage != 3:
+            problems.append("deepspeed.offload_params: needs deepspeed.stage: 3 (ZeRO-3 partitions parameters)")
+        if self.offload_optimizer and self.stage == 0:
+            problems.append("deepspeed.offload_optimizer: needs deepspeed.stage 1, 2 or 3")
+        return problems
+
 
 class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=1)
@@ -131,6 +152,9 @@ class TuneConfig(_Section):
     search_space: dict[str, Any] = Field(
         default_factory=dict, description="config path -> one distribution, e.g. training.learning_rate: "
         "{loguniform: [1.0e-5, 1.0e-3]}; see SEARCH_DISTRIBUTIONS")
+
+    def rules(self) -> list[str]:
+        return tune_problems(self)
 
 
 # Distributions of tune.search_space and the arguments each takes (sampled with Ray Tune's functions of the
@@ -233,6 +257,18 @@ def _search_args(kind: str, args: Any, adapter: Any, takes_reals: bool) -> list:
     return [low, high]
 
 
+def tune_problems(tune: TuneConfig) -> list[str]:
+    """The search space against the schema, and the distributions the search algorithm can sample."""
+    parsed, problems = parse_search_space(tune.search_space)
+    for path, (kind, args) in parsed.items():
+        if tune.search_alg == "optuna" and kind == "grid":
+            problems.append(f"tune.search_space.{path}: optuna does not take grid; use choice, or search_alg: random")
+        if tune.search_alg == "optuna" and kind == "choice" and any(isinstance(v, (list, dict)) for v in args):
+            problems.append(f"tune.search_space.{path}: optuna chooses among plain values only (numbers, "
+                            "strings, booleans); use search_alg: random")
+    return problems
+
+
 class AutoscalingConfig(_Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
@@ -266,6 +302,24 @@ class ServeConfig(_Section):
     threads_per_replica: Optional[int] = Field(
         None, ge=1, description="torch threads per replica; None = the node's cores / replicas")
 
+    def rules(self) -> list[str]:
+        return serve_problems(self)
+
+
+def serve_problems(serve: ServeConfig) -> list[str]:
+    """Serve keys that are valid alone but not together (checked for a run config and ``rayfine serve
+    MODEL_DIR --set ...`` alike)."""
+    problems = []
+    if serve.num_replicas is not None and serve.autoscaling is not None:
+        problems.append("serve.num_replicas: set either num_replicas or autoscaling, not both")
+    if serve.max_queued_requests == 0:
+        problems.append("serve.max_queued_requests: 0 would refuse every request; use a positive limit, or -1 "
+                        "for no limit")
+    auto = serve.autoscaling
+    if auto is not None and auto.min_replicas > auto.max_replicas:
+        problems.append("serve.autoscaling.min_replicas: must not exceed max_replicas")
+    return problems
+
 
 class OutputConfig(_Section):
     dir: str = Field("runs", description="parent folder of run folders (relative to the current directory; "
@@ -286,12 +340,8 @@ class RunConfig(_Section):
     serve: ServeConfig = ServeConfig()
     output: OutputConfig = OutputConfig()
 
-    @model_validator(mode="after")
-    def _check_contradictions(self) -> "RunConfig":
-        problems = contradictions(self)
-        if problems:
-            raise ValueError("\n".join(problems))  # load_config lists them one per line
-        return self
+    def rules(self) -> list[str]:
+        return contradictions(self)
 
     @property
     def run_dir(self) -> Path:
@@ -299,39 +349,14 @@ class RunConfig(_Section):
 
 
 def contradictions(cfg: RunConfig) -> list[str]:
-    """Combinations of individually valid values that cannot work together."""
+    """Combinations across sections that cannot work together (each section checks its own keys)."""
     problems = []
     ds = cfg.deepspeed
-    if ds.offload_params and ds.stage != 3:
-        problems.append("deepspeed.offload_params: needs deepspeed.stage: 3 (ZeRO-3 partitions parameters)")
-    if ds.offload_optimizer and ds.stage == 0:
-        problems.append("deepspeed.offload_optimizer: needs deepspeed.stage 1, 2 or 3")
     if ds.precision in ("bf16", "fp16") and cfg.scaling.use_gpu is False:
         problems.append(f"deepspeed.precision: {ds.precision} needs a GPU; use fp32 or auto with scaling.use_gpu: false")
     if cfg.task == "question_answering" and 2 * cfg.data.doc_stride >= cfg.data.max_seq_length:
         problems.append(f"data.doc_stride: {cfg.data.doc_stride} must be less than half data.max_seq_length "
                         f"({cfg.data.max_seq_length}), or windows would barely advance")
-    if cfg.serve.num_replicas is not None and cfg.serve.autoscaling is not None:
-        problems.append("serve.num_replicas: set either num_replicas or autoscaling, not both")
-    if cfg.serve.max_queued_requests == 0:
-        problems.append("serve.max_queued_requests: 0 would refuse every request; use a positive limit, or -1 "
-                        "for no limit")
-    auto = cfg.serve.autoscaling
-    if auto is not None and auto.min_replicas > auto.max_replicas:
-        problems.append("serve.autoscaling.min_replicas: must not exceed max_replicas")
-    problems += tune_problems(cfg.tune)
-    return problems
-
-
-def tune_problems(tune: TuneConfig) -> list[str]:
-    """The search space against the schema, and the distributions the search algorithm can sample."""
-    parsed, problems = parse_search_space(tune.search_space)
-    for path, (kind, args) in parsed.items():
-        if tune.search_alg == "optuna" and kind == "grid":
-            problems.append(f"tune.search_space.{path}: optuna does not take grid; use choice, or search_alg: random")
-        if tune.search_alg == "optuna" and kind == "choice" and any(isinstance(v, (list, dict)) for v in args):
-            problems.append(f"tune.search_space.{path}: optuna chooses among plain values only (numbers, "
-                            "strings, booleans); use search_alg: random")
     return problems
 
 
@@ -344,8 +369,10 @@ def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"{loc}: unknown key; valid keys here are {valid}"
     if kind == "missing":
         return f"{loc}: required; add it to the config"
-    if kind == "value_error" and not loc:
-        return err["msg"].removeprefix("Value error, ")
+    if kind == "value_error":  # a rule across keys: its message names them
+        message = err["msg"].removeprefix("Value error, ")
+        if not loc or message.startswith(f"{loc}."):
+            return message
     got = _lookup(raw, err["loc"])
     got_text = f" (got {got!r})" if got is not _MISSING else ""
     return f"{loc}: {err['msg']}{got_text}"
@@ -472,6 +499,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a mapping of sections (task, model, data, ...)")
     raw = dict(raw)
+    output = raw.get("output") or {}
+    if isinstance(output, dict) and not output.get("name"):  # the run folder is named after the config file
+        raw["output"] = {**output, "name": Path(path).stem if path else "run"}
     base = Path(path).resolve().parent if path else Path.cwd()
     _resolve_paths(raw, base)
     if overrides:
@@ -484,8 +514,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         problems = [line for e in exc.errors() for line in _format_error(e, raw).split("\n")]
         where = f"{path}" if path else "config"
         raise ConfigError(problems, header=f"{where}: {len(problems)} problem(s) in the config:") from None
-    if cfg.output.name is None:
-        cfg.output.name = Path(path).stem if path else "run"
     return cfg
 
 

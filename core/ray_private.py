@@ -1,0 +1,74 @@
+"""The private Ray APIs (and env settings) rayfine relies on, in one place.
+
+Each was checked against Ray 2.60.0 (requirements.txt pins it). Ray may change any of them in a minor release:
+after an upgrade, run the integration tests (they exercise every function here) and fix what moved. Callers
+treat a failure as "unknown" where they can (a nicer message or a clean-up is lost, never a run).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+RAY_VERSION_CHECKED = "2.60.0"
+
+# Env vars that Ray Serve reads when its processes start (Ray's workers inherit the environment of the process
+# that starts Ray), so they must be set before ``ray.init`` starts a local instance.
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # "1": HAProxy ingress in front of replicas that answer HTTP
+HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")  # fixed ports on every node unless set
+DRAINING_PERIOD_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+# "module:function" returning ASGI middlewares for Serve's HTTP servers (http_options.middlewares was removed).
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+# The logger that prints "Uploading package ..." at INFO when a job ships py_modules.
+RUNTIME_ENV_PACKAGING_LOGGER = "ray._private.runtime_env.packaging"
+
+
+def serve_http_port() -> int:
+    """The port of the running Serve instance's HTTP proxy (no public API tells it for an instance started
+    elsewhere). Raises when Serve is not running or the internals moved."""
+    from ray import serve
+
+    return int(serve.context._get_global_client().http_config.port)
+
+
+def serve_proxy_classes(timeout_s: float = 30.0) -> set[str]:
+    """Class names of the running Serve instance's proxy actors (``HAProxyManager``, ``ProxyActor``): no public
+    API says which ingress a Serve instance runs. Raises when Serve is not running or the internals moved."""
+    import ray
+    from ray import serve
+
+    controller = serve.context._get_global_client()._controller
+    proxies = ray.get(controller.get_proxies.remote(), timeout=timeout_s)
+    return {handle._ray_actor_creation_function_descriptor.class_name for handle in proxies.values()}
+
+
+def serve_request_id() -> str | None:
+    """The id Serve gave the request being handled (also its ``X-Request-ID`` response header)."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or None
+
+
+def actor_table() -> dict[str, dict[str, Any]]:
+    """Every actor the GCS knows, alive or dead: ``{actor_id_hex: {"ActorClassName", "State", "JobID", "Pid",
+    "Address": {"NodeID", "IPAddress", "Port"}, "OwnerAddress": {...}}}``. The public state API needs the
+    dashboard, which rayfine's local instances run without."""
+    from ray._private.state import state
+
+    return state.actor_table(None)
+
+
+def placement_groups_of_dead_actors(actor_ids: set[str]) -> Iterator[Any]:
+    """Placement groups (``ray.util.placement_group.PlacementGroup``) still held although the actor that created
+    them, one of ``actor_ids``, is dead (ray #54305: they live until the job ends)."""
+    from ray._private.state import state
+    from ray._raylet import PlacementGroupID
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and not pg.is_detached
+                and pg.creator_actor_dead and pg.creator_actor_id.hex() in actor_ids):
+            yield PlacementGroup(PlacementGroupID(pg.placement_group_id))
