@@ -37,4 +37,3 @@ def install_console() -> None:
         if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
             logger.addHandler(ConsoleHandler())
         logger.setLevel(logging.INFO)
-        logger.propagate = False

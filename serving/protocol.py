@@ -74,27 +74,6 @@ class QARequest(_Request):
         return [QAItem(question=self.question, context=self.context)]
 
 
-class Classification(BaseModel):
-    label: str
-    score: float
-    scores: dict[str, float]
-
-
-class Entity(BaseModel):
-    entity: str
-    word: str
-    start: int
-    end: int
-    score: float
-
-
-class Answer(BaseModel):
-    answer: str
-    start: int
-    end: int
-    score: float
-
-
 # ---- OpenAI: models, completions, chat completions ---------------------------------------------------
 
 class ModelCard(BaseModel):
