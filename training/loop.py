@@ -8,6 +8,7 @@ step, never on rank-local data.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -24,6 +25,7 @@ from core.run_folder import TRAINER_STATE
 from training.tasks.base import LabelSpace
 
 DS_TAG = "ds"
+logger = logging.getLogger(__name__)  # in the workers: their lines go to Ray's log folder; rank 0 logs
 
 
 @dataclass
@@ -236,6 +238,14 @@ class Worker:
             model=model, model_parameters=_param_groups(model, self.cfg.training.weight_decay),
             config=self.ds_config)
         del dschf
+        self.log(f"DeepSpeed ZeRO-{self.shape.stage} engine, {precision}: micro batch "
+                 f"{self.shape.micro_batch_per_worker} x {self.world} workers x {self.shape.gradient_accumulation_steps} accumulation, "
+                 f"{self.threads} torch threads per worker")
+
+    def log(self, message: str) -> None:
+        """Log once per run (rank 0), not once per worker."""
+        if self.rank == 0:
+            logger.info(message)
 
     def restore(self, checkpoint) -> bool:
         """Load engine and position from a Ray checkpoint; returns True when training already finished."""

@@ -38,6 +38,22 @@ def ray_local():
     ray.shutdown()
 
 
+# The reference run's settings: per-step losses and a constant learning rate (the schedule then does not depend
+# on the run's length), so other configurations can replay its first steps and must match them.
+REFERENCE_SECTIONS = {"training": {"lr_scheduler": "constant", "log_every_steps": 1}, "deepspeed": {"stage": 2}}
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(tmp_path_factory, tiny_bert, ray_local):
+    """The session's one full classification run (tiny BERT, 2 workers, ZeRO-2, 40 steps): test_train_classification
+    checks its run folder, export and evaluation; the invariant tests replay its first steps."""
+    from tests.integration.helpers import classification_config
+    from training.driver import train
+
+    cfg = classification_config(tmp_path_factory.mktemp("classifier"), tiny_bert, **REFERENCE_SECTIONS)
+    return cfg, train(cfg)
+
+
 @dataclass
 class RayHead:
     address: str  # the Jobs API (dashboard), http://127.0.0.1:PORT
@@ -45,6 +61,25 @@ class RayHead:
     env: dict  # for subprocesses: the cluster's token and the venv's bin on PATH
     storage: Path  # a folder for run folders, reachable from both nodes
     token: str
+
+    def job_status(self, job_id: str) -> str:
+        """A Ray job's status from the cluster's Jobs REST API (in-process: polling spawns no process)."""
+        import httpx
+
+        response = httpx.get(f"{self.address}/api/jobs/{job_id}", timeout=30,
+                             headers={"Authorization": f"Bearer {self.token}"})
+        assert response.status_code == 200, response.text
+        return response.json()["status"]
+
+    def wait_job(self, job_id: str, statuses: tuple[str, ...] = ("SUCCEEDED", "FAILED", "STOPPED"),
+                 timeout: float = 300) -> str:
+        """Poll until the job's status is one of ``statuses`` (or ``timeout`` passes); returns the last one."""
+        deadline = time.time() + timeout
+        while True:
+            status = self.job_status(job_id)
+            if status in statuses or time.time() >= deadline:
+                return status
+            time.sleep(1)
 
 
 def _free_port() -> int:
@@ -71,6 +106,11 @@ def _count_nodes(env: dict, gcs: str) -> int:
 
 @pytest.fixture(scope="session")
 def ray_head():
+    import ray
+
+    # The tests on this cluster run last (tests/conftest.py): the in-process Ray of the others is done with.
+    if ray.is_initialized():
+        ray.shutdown()
     # A short temp dir: Ray's socket paths must fit in 107 characters.
     root = Path(tempfile.mkdtemp(prefix="rf-", dir="/tmp"))
     token = secrets.token_hex(16)

@@ -1,23 +1,40 @@
-"""The CLI on bad and good data: one message per problem with file and line, exit 1, nothing written."""
+"""The CLI on bad and good data: one message per problem with file and line, exit 1, nothing written.
+
+The CLI runs in-process (``cluster.cli.main``) on the session's local Ray: what it prints and its exit code are
+those of ``rayfine`` in a shell, without a Python and Ray start per call."""
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
+from dataclasses import dataclass
 
 import pytest
 import yaml
 
+from cluster.cli import main
 from tests.conftest import sentiment_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
 
 
-def rayfine(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def rayfine(ray_local, capsys, monkeypatch):
+    def run(*args, cwd):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+
+    return run
 
 
 def write_config(tmp_path, model, train, validation, **extra):
@@ -30,7 +47,7 @@ def write_config(tmp_path, model, train, validation, **extra):
     return path
 
 
-def test_bad_records_are_all_reported_and_train_writes_nothing(tmp_path, tiny_bert):
+def test_bad_records_are_all_reported_and_train_writes_nothing(tmp_path, tiny_bert, rayfine):
     train = tmp_path / "train.jsonl"
     lines = [json.dumps(r) for r in sentiment_rows(20)]
     lines[3] = '{"text": "broken json", '
@@ -61,7 +78,7 @@ def test_bad_records_are_all_reported_and_train_writes_nothing(tmp_path, tiny_be
     assert proc.returncode == 1 and "data.train: no data file matches" in proc.stderr
 
 
-def test_validate_prints_the_preflight_report(tmp_path, tiny_bert):
+def test_validate_prints_the_preflight_report(tmp_path, tiny_bert, rayfine):
     train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(40, seed=3))
     val = write_jsonl(tmp_path / "val.jsonl", sentiment_rows(10, seed=4))
     proc = rayfine("validate", str(write_config(tmp_path, tiny_bert, train, val)), cwd=tmp_path)

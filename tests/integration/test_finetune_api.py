@@ -44,7 +44,7 @@ class ApiServer:
     def __init__(self, base_config: Path, ray_head, data_dir: Path, log: Path):
         self.port = free_port()
         self.log = log
-        self.cmd = [str(REPO / ".venv" / "bin" / "rayfine"), "api", f"{BASE}={base_config}",
+        self.cmd = [str(Path(sys.executable).parent / "rayfine"), "api", f"{BASE}={base_config}",
                     "--address", ray_head.address, "--data-dir", str(data_dir),
                     "--storage", str(ray_head.storage / "api-runs"), "--port", str(self.port)]
         self.env = dict(ray_head.env) | {"RAYFINE_API_KEYS": API_KEY}
@@ -110,9 +110,7 @@ def sdk(api):
 
 @pytest.fixture(scope="module")
 def jobs_client(ray_head):
-    """The Ray job's own status, asked with ``rayfine status`` in a subprocess that has the cluster's token
-    (Ray reads the auth mode once per process, so this process, whose Ray talked to token-less local
-    instances, cannot switch)."""
+    """The Ray job's own status, from the cluster's Jobs REST API."""
     return RayJobs(ray_head)
 
 
@@ -120,20 +118,8 @@ class RayJobs:
     def __init__(self, ray_head):
         self.ray_head = ray_head
 
-    def status(self, job_id: str) -> str:
-        out = subprocess.run([str(Path(sys.executable).parent / "rayfine"), "status", job_id, "--address",
-                              self.ray_head.address], env=self.ray_head.env, capture_output=True, text=True,
-                             timeout=60)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.splitlines()[0].split(": ", 1)[1].strip()
-
     def wait(self, job_id: str, timeout: float) -> str:
-        deadline = time.time() + timeout
-        while True:
-            status = self.status(job_id)
-            if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.time() >= deadline:
-                return status
-            time.sleep(2)
+        return self.ray_head.wait_job(job_id, timeout=timeout)
 
 
 def upload(sdk, rows: list[dict], name: str):

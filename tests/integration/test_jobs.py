@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -59,12 +58,8 @@ def test_submitted_job_trains_on_the_cluster_with_the_data_it_carried(tmp_path, 
 
     follow = rayfine(["status", job_id, "--address", ray_head.address], ray_head.env)
     assert follow.returncode == 0 and f"job {job_id}:" in follow.stdout
-    deadline = time.time() + 420
-    while time.time() < deadline:
-        status = rayfine(["status", job_id, "--address", ray_head.address], ray_head.env).stdout
-        if "SUCCEEDED" in status or "FAILED" in status:
-            break
-        time.sleep(3)
+    ray_head.wait_job(job_id, timeout=420)
+    status = rayfine(["status", job_id, "--address", ray_head.address], ray_head.env).stdout
     assert f"job {job_id}: SUCCEEDED" in status, status
     assert f"run folder: {storage}/sentiment" in status
 
@@ -102,13 +97,7 @@ def test_stop_ends_a_running_job(tmp_path, tiny_bert, ray_head):
                    str(ray_head.storage / "stop")], ray_head.env)
     assert out.returncode == 0, out.stderr
     job_id = job_id_of(out.stdout)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        status = rayfine(["status", job_id, "--address", ray_head.address], ray_head.env).stdout
-        if "RUNNING" in status:
-            break
-        time.sleep(1)
-    assert "RUNNING" in status, status
+    assert ray_head.wait_job(job_id, ("RUNNING", "SUCCEEDED", "FAILED", "STOPPED"), timeout=120) == "RUNNING"
     stop = rayfine(["stop", job_id, "--address", ray_head.address], ray_head.env)
     assert stop.returncode == 0 and f"job {job_id}: STOPPED" in stop.stdout, stop.stdout + stop.stderr
     assert "STOPPED" in rayfine(["status", job_id, "--address", ray_head.address], ray_head.env).stdout

@@ -15,7 +15,7 @@ import os
 import httpx
 import pytest
 
-from tests.serve_fixtures import CLS_LABELS, SERVE_PROXY, build_tiny_models, free_port, start_ray, stop_ray
+from tests.serve_fixtures import CLS_LABELS, SERVE_PROXY, free_port, start_ray, stop_ray
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +25,8 @@ KEY = "sk-test-123"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_tiny_models(tmp_path_factory.mktemp("serve-models"))
+def models(tiny_models):
+    return tiny_models
 
 
 APP_TASKS = {"cls": "sequence_classification", "ner": "token_classification", "qa": "question_answering",

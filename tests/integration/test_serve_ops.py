@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.serve_fixtures import SERVE_PROXY, build_tiny_models, free_port, start_ray, stop_ray
+from tests.serve_fixtures import SERVE_PROXY, free_port, start_ray, stop_ray
 
 pytestmark = pytest.mark.integration
 
@@ -19,8 +19,8 @@ LM_ID = "ft:tiny-gpt2:test:job-1"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_tiny_models(tmp_path_factory.mktemp("serve-ops-models"))
+def models(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")

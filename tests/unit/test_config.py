@@ -107,3 +107,28 @@ def test_missing_model_package_is_a_clear_error(tmp_path):
     bad = {**BASE, "model": {"name_or_path": "package:no_such_pkg_xyz/model"}}
     with pytest.raises(ConfigError, match="'no_such_pkg_xyz' is not installed"):
         load_config(_write(tmp_path, bad))
+
+
+def test_a_loaded_config_cannot_change():
+    """Checked once, as a whole: code that needs another value builds another config."""
+    import pydantic
+
+    cfg = load_config(raw={"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}})
+    with pytest.raises(pydantic.ValidationError):
+        cfg.output.name = "other"
+    with pytest.raises(pydantic.ValidationError):
+        cfg.training = cfg.training
+    assert cfg.output.name == "run"
+
+
+def test_serve_rules_apply_to_a_model_folder_served_with_overrides():
+    """`rayfine serve MODEL_DIR --set serve...` is checked by the serve section's own rules."""
+    from cluster.serve_command import serve_config_from_overrides
+
+    with pytest.raises(ConfigError) as err:
+        serve_config_from_overrides(["serve.num_replicas=2", "serve.autoscaling.max_replicas=3",
+                                     "serve.autoscaling.min_replicas=4"])
+    text = err.value.render()
+    assert "serve.num_replicas: set either num_replicas or autoscaling, not both" in text
+    assert "serve.autoscaling.min_replicas: must not exceed max_replicas" in text
+    assert serve_config_from_overrides(["serve.num_replicas=2"]).num_replicas == 2
