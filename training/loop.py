@@ -239,8 +239,8 @@ class Worker:
             config=self.ds_config)
         del dschf
         self.log(f"DeepSpeed ZeRO-{self.shape.stage} engine, {precision}: micro batch "
-                 f"{self.shape.micro_batch_per_worker} x {self.world} workers x {self.shape.gradient_accumulation_steps} accumulation, "
-                 f"{self.threads} torch threads per worker")
+                 f"{self.shape.micro_batch_per_worker} x {self.world} workers x "
+                 f"{self.shape.gradient_accumulation_steps} accumulation, {self.threads} torch threads per worker")
 
     def log(self, message: str) -> None:
         """Log once per run (rank 0), not once per worker."""

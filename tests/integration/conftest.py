@@ -38,19 +38,23 @@ def ray_local():
     ray.shutdown()
 
 
-# The reference run's settings: per-step losses and a constant learning rate (the schedule then does not depend
-# on the run's length), so other configurations can replay its first steps and must match them.
-REFERENCE_SECTIONS = {"training": {"lr_scheduler": "constant", "log_every_steps": 1}, "deepspeed": {"stage": 2}}
+# The shared classification run: 2 epochs of 320 records (40 steps). It fails once at step FAIL_AT and Ray Train
+# restarts its worker group from the last checkpoint (scaling.max_failures 1).
+SHARED_LOG_EVERY, SHARED_CHECKPOINT_EVERY, FAIL_AT = 4, 8, 10
 
 
 @pytest.fixture(scope="session")
 def trained_classifier(tmp_path_factory, tiny_bert, ray_local):
-    """The session's one full classification run (tiny BERT, 2 workers, ZeRO-2, 40 steps): test_train_classification
-    checks its run folder, export and evaluation; the invariant tests replay its first steps."""
+    """The session's one full classification run (tiny BERT, 2 workers, ZeRO-2): test_train_classification checks
+    its run folder, export and evaluation, test_resume_and_invariants the restart after its failure."""
     from tests.integration.helpers import classification_config
     from training.driver import train
 
-    cfg = classification_config(tmp_path_factory.mktemp("classifier"), tiny_bert, **REFERENCE_SECTIONS)
+    cfg = classification_config(
+        tmp_path_factory.mktemp("classifier"), tiny_bert,
+        training={"log_every_steps": SHARED_LOG_EVERY, "checkpoint_every_steps": SHARED_CHECKPOINT_EVERY,
+                  "inject_failure_at_step": FAIL_AT},
+        scaling={"max_failures": 1})
     return cfg, train(cfg)
 
 
@@ -82,10 +86,19 @@ class RayHead:
             time.sleep(1)
 
 
+_PORTS: list[int] = []
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port not handed out before in this session: the kernel may hand the same one out twice in a row,
+    and Ray refuses two of its components on one port."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS:
+            _PORTS.append(port)
+            return port
 
 
 def _ray_start(args: list[str], env: dict, log: Path) -> subprocess.Popen:

@@ -1,4 +1,8 @@
-"""Fault tolerance and invariants of the distributed loop: configurations that must train the same do."""
+"""Fault tolerance and invariants of the distributed loop: configurations that must train the same do.
+
+A worker failure inside a run (restart from the last checkpoint) is checked on the session's shared
+classification run (``trained_classifier``, which fails once at step 10).
+"""
 
 from __future__ import annotations
 
@@ -6,35 +10,34 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from tests.integration.conftest import REFERENCE_SECTIONS
+from tests.integration.conftest import FAIL_AT, SHARED_CHECKPOINT_EVERY, SHARED_LOG_EVERY
 from tests.integration.helpers import classification_config, read_metrics
 from training.driver import train
 
 pytestmark = pytest.mark.integration
 
 
-def test_worker_failure_restarts_from_checkpoint_and_finishes(tmp_path, tiny_bert, ray_local):
-    cfg = classification_config(
-        tmp_path, tiny_bert, n_train=64,
-        training={"checkpoint_every_steps": 3, "inject_failure_at_step": 5, "log_every_steps": 1},
-        scaling={"max_failures": 1})
-    result = train(cfg)
+def test_worker_failure_restarts_from_checkpoint_and_finishes(trained_classifier):
+    _, result = trained_classifier
     metrics = read_metrics(result.run_dir)
-    steps = [m["step"] for m in metrics if "loss" in m]
-    total = 2 * (64 // 2 // 8)
-    # Steps 1-4 ran, the failure hit at 5, the group restarted from the step-3 checkpoint: 4 is logged twice,
-    # and training continued to the end without skipping a step.
-    assert steps[:4] == [1, 2, 3, 4]
-    assert steps[4:6] == [4, 5]
-    assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))
+    logged = [(m["step"], m["resumed_from_step"]) for m in metrics if "loss" in m]
+    total = [m for m in metrics if m.get("final")][-1]["step"]
+    restart = FAIL_AT // SHARED_CHECKPOINT_EVERY * SHARED_CHECKPOINT_EVERY  # the last checkpoint before it
+    # The failure hit at step 10; the worker group restarted from the step-8 checkpoint and trained on to the
+    # end without skipping a logged step: every step up to the failure came from the first attempt, every
+    # later one from the restarted group.
+    steps = [s for s, _ in logged]
+    assert sorted(set(steps)) == list(range(SHARED_LOG_EVERY, total + 1, SHARED_LOG_EVERY)), steps
+    assert {r for s, r in logged if s <= restart} == {0}
+    assert {r for s, r in logged if s > restart} == {restart}
     assert (result.model_dir / "model.safetensors").is_file()
 
 
 def test_rerunning_an_interrupted_run_resumes_it(tmp_path, tiny_bert, ray_local):
-    sections = dict(n_train=64, training={"checkpoint_every_steps": 4, "log_every_steps": 1})
+    sections = dict(n_train=64, training={"epochs": 1, "checkpoint_every_steps": 2, "log_every_steps": 1})
     failing = classification_config(tmp_path, tiny_bert, **{**sections, "training": {
-        **sections["training"], "inject_failure_at_step": 6}})
-    with pytest.raises(UserError, match="injected failure at step 6"):
+        **sections["training"], "inject_failure_at_step": 3}})
+    with pytest.raises(UserError, match="injected failure at step 3"):
         train(failing)
     run_dir = tmp_path / "runs" / "run"
     assert not (run_dir / "model").exists() and not (run_dir / "eval.json").exists()
@@ -43,56 +46,43 @@ def test_rerunning_an_interrupted_run_resumes_it(tmp_path, tiny_bert, ray_local)
     result = train(classification_config(tmp_path, tiny_bert, **sections))
     assert result.run_dir == run_dir
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
-    first_run, second_run = steps[:5], steps[5:]
-    assert first_run == [1, 2, 3, 4, 5]
-    assert second_run[0] == 5, "the second run must start after the step-4 checkpoint"
-    assert second_run[-1] == 2 * (64 // 2 // 8)
+    first_run, second_run = steps[:2], steps[2:]
+    assert first_run == [1, 2]
+    assert second_run == [3, 4], "the second run must start after the step-2 checkpoint"
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
-def test_two_workers_batch_4_match_one_worker_batch_8(tmp_path, tiny_bert, ray_local):
-    """Every step sees the whole (8-record) training set, so the gradients must agree."""
-    results = {}
-    for workers, batch in ((2, 4), (1, 8)):
-        cfg = classification_config(
-            tmp_path / f"w{workers}", tiny_bert, n_train=8, n_val=16,
-            training={"batch_size": batch, "epochs": 3, "log_every_steps": 1, "learning_rate": 1e-3},
-            scaling={"num_workers": workers}, deepspeed={"stage": 2})
-        run = train(cfg)
-        results[workers] = read_metrics(run.run_dir)
-    loss2 = [m["loss"] for m in results[2] if "loss" in m]
-    loss1 = [m["loss"] for m in results[1] if "loss" in m]
-    assert len(loss1) == len(loss2) == 3
-    np.testing.assert_allclose(loss2, loss1, rtol=2e-4, atol=2e-5)
-    eval2 = [m["eval_loss"] for m in results[2] if m.get("final")][-1]
-    eval1 = [m["eval_loss"] for m in results[1] if m.get("final")][-1]
-    assert eval2 == pytest.approx(eval1, rel=2e-4)
-
-
-def test_zero_0_and_3_replay_the_zero_2_reference_and_export_the_same_model(trained_classifier, tmp_path, tiny_bert,
-                                                                            ray_local):
-    """Three steps of the reference run (ZeRO-2) under ZeRO-0 and under ZeRO-3. ZeRO-3 is asked for the way a
-    native DeepSpeed key asks for it (``deepspeed.config.zero_optimization.stage``): the derived config owns the
-    stage, so the workers build, report and export a ZeRO-3 engine (its weights gathered from every rank)."""
-    _, reference = trained_classifier
-    steps = 3
-    expected = [m["loss"] for m in read_metrics(reference.run_dir) if "loss" in m][:steps]
+def test_worker_counts_and_zero_stages_train_the_same(tmp_path, tiny_bert, ray_local):
+    """Every step sees the whole 8-record training set, so 1 worker x batch 8 under ZeRO-0, 2 workers x batch 4
+    under ZeRO-2 and under ZeRO-3 must compute the same losses and weights. ZeRO-3 is asked for the way a native
+    DeepSpeed key asks for it (``deepspeed.config.zero_optimization.stage``): the derived config owns the stage,
+    so the workers build, report and export a ZeRO-3 engine (its weights gathered from every rank)."""
     runs = {}
-    for name, deepspeed in (("zero0", {"stage": 0}),
-                            ("zero3", {"stage": 2, "config": {"zero_optimization": {"stage": 3}}})):
-        cfg = classification_config(tmp_path / name, tiny_bert,
-                                    training={**REFERENCE_SECTIONS["training"], "max_steps": steps},
-                                    deepspeed=deepspeed)
+    for name, workers, batch, deepspeed in (
+            ("1x8-zero0", 1, 8, {"stage": 0}),
+            ("2x4-zero2", 2, 4, {"stage": 2}),
+            ("2x4-zero3", 2, 4, {"stage": 2, "config": {"zero_optimization": {"stage": 3}}})):
+        cfg = classification_config(
+            tmp_path / name, tiny_bert, n_train=8, n_val=16,
+            training={"batch_size": batch, "epochs": 2, "log_every_steps": 1, "learning_rate": 1e-3},
+            scaling={"num_workers": workers}, deepspeed=deepspeed)
         runs[name] = train(cfg)
-        losses = [m["loss"] for m in read_metrics(runs[name].run_dir) if "loss" in m]
-        np.testing.assert_allclose(losses, expected, rtol=2e-4, atol=2e-5, err_msg=name)
-    assert "DeepSpeed ZeRO-3" in (runs["zero3"].model_dir / "README.md").read_text()
+    metrics = {name: read_metrics(run.run_dir) for name, run in runs.items()}
+    reference = [m["loss"] for m in metrics["2x4-zero2"] if "loss" in m]
+    assert len(reference) == 2
+    for name, records in metrics.items():
+        np.testing.assert_allclose([m["loss"] for m in records if "loss" in m], reference, rtol=2e-4, atol=2e-5,
+                                   err_msg=name)
+        final = [m["eval_loss"] for m in records if m.get("final")][-1]
+        assert final == pytest.approx([m["eval_loss"] for m in metrics["2x4-zero2"] if m.get("final")][-1],
+                                      rel=2e-4), name
+    assert "DeepSpeed ZeRO-3" in (runs["2x4-zero3"].model_dir / "README.md").read_text()
 
     from transformers import AutoModelForSequenceClassification
 
     zero0, zero3, base = (AutoModelForSequenceClassification.from_pretrained(path, num_labels=2) for path in
-                          (runs["zero0"].model_dir, runs["zero3"].model_dir, tiny_bert))
-    for (name, a), b, c in zip(zero3.named_parameters(), zero0.parameters(), base.parameters()):
+                          (runs["1x8-zero0"].model_dir, runs["2x4-zero3"].model_dir, tiny_bert))
+    for (name, a), b in zip(zero3.named_parameters(), zero0.parameters()):
         assert a.shape == b.shape and a.numel() > 0, name  # a full tensor, not a rank's ZeRO-3 partition
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), atol=1e-5, err_msg=name)
     assert any(not np.allclose(a.detach().numpy(), c.detach().numpy())

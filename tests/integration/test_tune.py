@@ -22,10 +22,11 @@ pytestmark = pytest.mark.integration
 STEPS = 2 * (128 // 8)  # 2 epochs of 128 records, batch 8, one worker per trial
 
 
-def search_config(tmp_path, model, learning_rates, n_train=128, **tune):
+def search_config(tmp_path, model, learning_rates, n_train=128, every=4, **tune):
+    """Trials evaluate (ASHA's time unit) and log every ``every`` steps and checkpoint every 8."""
     return classification_config(
         tmp_path, model, n_train=n_train, n_val=32,
-        training={"epochs": 2, "eval_every_steps": 4, "log_every_steps": 4, "checkpoint_every_steps": 8},
+        training={"epochs": 2, "eval_every_steps": every, "log_every_steps": every, "checkpoint_every_steps": 8},
         scaling={"num_workers": 1, "threads_per_worker": 1},
         tune={"num_samples": 1, "metric": "eval_loss", "mode": "min",
               "search_space": {"training.learning_rate": {"grid": learning_rates}}, **tune})
@@ -59,7 +60,7 @@ def test_asha_search_stops_weak_trials_fails_a_diverging_one_and_exports_the_bes
     # Trials 0 and 1 run together; 2 starts once rung 1 holds their losses, so the far-too-high rate in it
     # is stopped at its first evaluation (1 may be too, if its report reaches the rung after 0's). The last
     # trial's rate makes the loss infinite at once: it fails, and the search goes on without it.
-    cfg = search_config(tmp_path, tiny_bert, [5e-3, 1e-1, 2e-1, 1e-2, 1e3], scheduler="asha",
+    cfg = search_config(tmp_path, tiny_bert, [5e-3, 1e-1, 2e-1, 1e-2, 1e3], scheduler="asha", every=8,
                         max_concurrent_trials=2)
     result = tune_command(cfg)
     tune_dir = result.tune_dir

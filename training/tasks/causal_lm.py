@@ -1,7 +1,8 @@
 """Causal-LM supervised fine-tuning: OpenAI chat JSONL, prompt/completion pairs, or plain text.
 
-Chat records are rendered with the tokenizer's chat template (``core.model_folder.DEFAULT_CHAT_TEMPLATE`` when it has none; the
-template is saved with the exported model, so serving renders prompts exactly as training did). The loss
+Chat records are rendered with the tokenizer's chat template (``core.model_folder.DEFAULT_CHAT_TEMPLATE`` when
+it has none; the template is saved with the exported model, so serving renders prompts exactly as training
+did). The loss
 covers assistant tokens only (completion tokens for prompt/completion) unless ``data.train_on_prompt``.
 """
 
