@@ -5,7 +5,7 @@
 The same JSONL shards (short reviews) and the same fast tokenizer (all-MiniLM-L6-v2's) for all three:
 - direct: one process, the tokenizer called on batches of 1,000 texts already in memory (an upper bound);
 - datasets: `load_dataset("json")` + `map(batched=True, num_proc=--cpus)`, fresh cache;
-- rayfine: Ray Data reading and validating every record (file and line kept) and tokenizing in an actor pool,
+- rayfine: Ray Data reading and validating every record (file and line kept) and tokenizing in Ray Data tasks (one tokenizer per process),
   streamed to a consumer, on a local Ray instance with --cpus CPUs.
 Each prints tokens/s over its whole pass (reading included for datasets and rayfine).
 """
@@ -77,7 +77,7 @@ def bench_rayfine(paths, model, cpus) -> tuple[int, float]:
     labels = LabelSpace(["negative", "neutral", "positive"])
     files = expand_inputs(cfg.data.train, "auto", "data.train")
     start = time.perf_counter()
-    ds = tokenized(build_records(files, cfg), cfg, labels, max_actors=cpus)
+    ds = tokenized(build_records(files, cfg), cfg, labels, max_tasks=cpus)
     tokens = 0
     for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
         tokens += int(batch["length"].sum())

@@ -10,6 +10,8 @@ import logging
 import os
 import warnings
 
+from core.ray_private import LOCAL_TRAIN_POLL_INTERVAL_S, TRAIN_POLL_INTERVAL_ENV
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,9 +48,8 @@ def connect(address: str | None = None, num_workers: int = 1) -> str:
         quiet_ray_data()
         return "existing Ray session"
     address = address or os.environ.get("RAY_ADDRESS")
-    # Workers started by a local instance inherit this process's environment.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not address:
+        prepare_local_env()
     kwargs = dict(
         logging_level=logging.INFO if verbose else logging.ERROR,
         log_to_driver=verbose,
@@ -63,6 +64,15 @@ def connect(address: str | None = None, num_workers: int = 1) -> str:
         where = f"local Ray ({local_num_cpus(num_workers)} logical CPUs)"
     quiet_ray_data()
     return where
+
+
+def prepare_local_env() -> None:
+    """Settings for the processes of a local instance, which inherit this process's environment when it starts
+    Ray (a cluster's nodes have their own): one tokenizer thread per process, Ray Train V2, and Train controllers
+    that poll their workers often (see ``core.ray_private.TRAIN_POLL_INTERVAL_ENV``). Values already set win."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault(TRAIN_POLL_INTERVAL_ENV, LOCAL_TRAIN_POLL_INTERVAL_S)
 
 
 def quiet_ray_data() -> None:

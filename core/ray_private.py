@@ -20,6 +20,11 @@ HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_
 DRAINING_PERIOD_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 # "module:function" returning ASGI middlewares for Serve's HTTP servers (http_options.middlewares was removed).
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+# How often a Ray Train controller polls its workers (default 2 s). A worker's ray.train.report waits until the
+# controller has taken its previous report (a queue of one), and a finished run is noticed at a poll: with the
+# default, runs that report often or end quickly wait for polls. Ray fails a worker only after its poll has hung
+# for RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min), so frequent polls are safe.
+TRAIN_POLL_INTERVAL_ENV, LOCAL_TRAIN_POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 # The logger that prints "Uploading package ..." at INFO when a job ships py_modules.
 RUNTIME_ENV_PACKAGING_LOGGER = "ray._private.runtime_env.packaging"
 

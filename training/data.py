@@ -1,8 +1,8 @@
 """The Ray Data pipeline: find shards, read and validate every record, tokenize, split.
 
 Reading is a Ray Data operation over the list of shards (one task reads one shard, streaming it in chunks), so
-every record is checked where it is read and a problem can name its file and line. Tokenization runs in an
-actor pool, one fast tokenizer per actor (a fast tokenizer shared between threads raises "Already borrowed").
+every record is checked where it is read and a problem can name its file and line. Tokenization runs in Ray
+Data tasks with one tokenizer per worker process (``process_tokenizer``).
 The driver only ever sees small summaries, never the records.
 """
 
@@ -201,35 +201,46 @@ def build_records(files: list[tuple[str, str]], cfg: RunConfig, carve: float = 0
 
 
 # ---- tokenizing -------------------------------------------------------------------------------
-class TokenizeBatch:
-    """Ray Data actor UDF: one tokenizer per actor process."""
+# One tokenizer per process, kept for the process's life. Ray Data runs the tokenizing (and pre-flight) UDFs as
+# tasks, and Ray reuses a worker process for many tasks, one at a time: so each process loads a tokenizer once
+# and no two threads ever share it (a fast tokenizer shared between threads raises "Already borrowed"). An actor
+# pool would load it again in new processes at each pass over the data (each epoch, each evaluation).
+_TOKENIZERS: dict[tuple, Any] = {}
 
-    def __init__(self, cfg: RunConfig, labels: LabelSpace | None, truncate: bool = True):
+
+def process_tokenizer(cfg: RunConfig):
+    """This process's tokenizer for ``cfg``'s model and task (the task may adjust it, e.g. a chat template)."""
+    key = (cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.task)
+    if key not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
         from training.tasks import get_adapter
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.adapter = get_adapter(cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-        self.labels = labels
-        self.truncate = truncate
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        ok = np.asarray(batch["_error"]) == ""
-        clean = {k: np.asarray(v)[ok] for k, v in batch.items()}
-        if not ok.any():
-            return {"input_ids": [], "length": np.zeros(0, dtype=np.int32), "labels": np.zeros(0, np.int64)}
-        return self.adapter.tokenize(clean, self.tokenizer, self.labels, truncate=self.truncate)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+        get_adapter(cfg).prepare_tokenizer(tokenizer)
+        _TOKENIZERS[key] = tokenizer
+    return _TOKENIZERS[key]
 
 
-def tokenized(records, cfg: RunConfig, labels: LabelSpace | None, max_actors: int = 2):
-    from ray.data import ActorPoolStrategy
+def tokenize_batch(batch: dict[str, np.ndarray], cfg: RunConfig, labels: LabelSpace | None,
+                   truncate: bool = True) -> dict[str, Any]:
+    """Ray Data UDF: the model inputs of a batch of records (records with a problem are dropped)."""
+    from training.tasks import get_adapter
 
-    return records.map_batches(
-        TokenizeBatch, batch_size=512, fn_constructor_kwargs={"cfg": cfg, "labels": labels},
-        compute=ActorPoolStrategy(min_size=1, max_size=max_actors), num_cpus=0.5)
+    ok = np.asarray(batch["_error"]) == ""
+    clean = {k: np.asarray(v)[ok] for k, v in batch.items()}
+    if not ok.any():
+        return {"input_ids": [], "length": np.zeros(0, dtype=np.int32), "labels": np.zeros(0, np.int64)}
+    return get_adapter(cfg).tokenize(clean, process_tokenizer(cfg), labels, truncate=truncate)
+
+
+def tokenized(records, cfg: RunConfig, labels: LabelSpace | None, max_tasks: int = 2):
+    from ray.data import TaskPoolStrategy
+
+    return records.map_batches(tokenize_batch, batch_size=512, fn_kwargs={"cfg": cfg, "labels": labels},
+                               compute=TaskPoolStrategy(size=max_tasks), num_cpus=0.5)
 
 
 # ---- the splits used by a run ------------------------------------------------------------------

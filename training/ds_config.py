@@ -26,11 +26,15 @@ def resolve_precision(precision: str, use_gpu: bool, bf16_supported: bool) -> st
 def _scheduler(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
     t = cfg.training
     warmup = max(1, int(round(t.warmup_ratio * total_steps)))  # DeepSpeed rejects 0
+    # The warmup starts from min: with no warmup asked for, its one step starts at the full rate (else the first
+    # optimizer step would run at learning rate 0 and change nothing).
+    start = 1.0 if t.warmup_ratio == 0 else 0.0
     if t.lr_scheduler == "cosine":
+        # WarmupCosineLR, unlike WarmupLR, sets no rate until its first step() unless it starts at step 0.
         return {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup,
-            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}}
-    params = {"warmup_min_lr": 0.0, "warmup_max_lr": t.learning_rate, "warmup_num_steps": warmup,
+            "total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup, "last_batch_iteration": 0,
+            "warmup_min_ratio": start, "cos_min_ratio": 0.0, "warmup_type": "linear"}}
+    params = {"warmup_min_lr": start * t.learning_rate, "warmup_max_lr": t.learning_rate, "warmup_num_steps": warmup,
               "warmup_type": "linear"}
     if t.lr_scheduler == "constant":
         return {"type": "WarmupLR", "params": params}

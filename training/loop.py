@@ -81,9 +81,11 @@ def _set_threads(cfg: RunConfig, local_world: int) -> int:
     return threads
 
 
-def _quiet_libraries() -> None:
-    """Per-worker logs of weight loading and DeepSpeed internals bury the run's progress lines."""
-    import logging
+def _configure_logging() -> None:
+    """rayfine's own lines at INFO on the worker's stderr (Ray keeps it in its log folder and shows it with
+    RAYFINE_VERBOSE=1; ``Worker.log`` writes from rank 0 only); weight loading and DeepSpeed internals at
+    WARNING, or they bury the run's lines."""
+    import sys
 
     import transformers
 
@@ -91,6 +93,12 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("DeepSpeed", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    ours = logging.getLogger("training")
+    ours.setLevel(logging.INFO)
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s rayfine %(message)s"))
+        ours.addHandler(handler)
 
 
 def build_model(cfg: RunConfig, adapter, labels: LabelSpace | None):
@@ -180,7 +188,7 @@ class Worker:
         from training.tasks import get_adapter
 
         ctx = ray.train.get_context()
-        _quiet_libraries()
+        _configure_logging()
         self.cfg, self.plan, self.labels = cfg, plan, labels
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.threads = _set_threads(cfg, ctx.get_local_world_size())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -17,50 +16,42 @@ import numpy as np
 
 from core.config import RunConfig
 from core.errors import UserError
-from training.data import Splits, build_records
+from training.data import Splits, build_records, process_tokenizer
 from training.tasks.base import LabelSpace
 
 logger = logging.getLogger(__name__)
 MAX_PROBLEMS = 50
 
 
-class SummarizeBatch:
-    """Ray Data actor UDF: reduce a batch of records to one summary row."""
+def summarize_batch(batch: dict[str, np.ndarray], cfg: RunConfig) -> dict[str, list]:
+    """Ray Data UDF: reduce a batch of records to one summary row (the process's tokenizer, see
+    ``training.data.process_tokenizer``)."""
+    from training.tasks import get_adapter
 
-    def __init__(self, cfg: RunConfig):
-        from transformers import AutoTokenizer
-
-        from training.tasks import get_adapter
-
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.adapter = get_adapter(cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        errors = [f"{f}:{n}: {e}" if n else f"{f}: {e}"
-                  for f, n, e in zip(batch["_file"], batch["_line"], batch["_error"]) if e]
-        ok = np.asarray(batch["_error"]) == ""
-        summary = {"errors": errors[:MAX_PROBLEMS], "num_errors": len(errors),
-                   "counts": {}, "labels": {}, "first_seen": {}, "lengths": {}, "stats": {}}
-        clean = {k: np.asarray(v)[ok] for k, v in batch.items()}
-        if ok.any():
-            lengths = self.adapter.tokenize(clean, self.tokenizer, None, truncate=False)["length"]
-            stats = self.adapter.record_stats(clean, self.tokenizer)
-            labels = self.adapter.record_labels(clean) if self.adapter.has_labels else None
-            for split in np.unique(clean["_split"]):
-                mask = clean["_split"] == split
-                summary["counts"][split] = int(mask.sum())
-                summary["lengths"][split] = [int(x) for x in np.asarray(lengths)[mask]]
-                summary["stats"][split] = {k: int(np.asarray(v)[mask].sum()) for k, v in stats.items()}
-                if labels is not None:
-                    counts, where = Counter(), {}
-                    for i in np.flatnonzero(mask):
-                        counts.update(labels[i])
-                        for lab in labels[i]:
-                            where.setdefault(lab, f"{clean['_file'][i]}:{clean['_line'][i]}")
-                    summary["labels"][split], summary["first_seen"][split] = dict(counts), where
-        return {"summary": [json.dumps(summary)]}
+    adapter, tokenizer = get_adapter(cfg), process_tokenizer(cfg)
+    errors = [f"{f}:{n}: {e}" if n else f"{f}: {e}"
+              for f, n, e in zip(batch["_file"], batch["_line"], batch["_error"]) if e]
+    ok = np.asarray(batch["_error"]) == ""
+    summary = {"errors": errors[:MAX_PROBLEMS], "num_errors": len(errors),
+               "counts": {}, "labels": {}, "first_seen": {}, "lengths": {}, "stats": {}}
+    clean = {k: np.asarray(v)[ok] for k, v in batch.items()}
+    if ok.any():
+        lengths = adapter.tokenize(clean, tokenizer, None, truncate=False)["length"]
+        stats = adapter.record_stats(clean, tokenizer)
+        labels = adapter.record_labels(clean) if adapter.has_labels else None
+        for split in np.unique(clean["_split"]):
+            mask = clean["_split"] == split
+            summary["counts"][split] = int(mask.sum())
+            summary["lengths"][split] = [int(x) for x in np.asarray(lengths)[mask]]
+            summary["stats"][split] = {k: int(np.asarray(v)[mask].sum()) for k, v in stats.items()}
+            if labels is not None:
+                counts, where = Counter(), {}
+                for i in np.flatnonzero(mask):
+                    counts.update(labels[i])
+                    for lab in labels[i]:
+                        where.setdefault(lab, f"{clean['_file'][i]}:{clean['_line'][i]}")
+                summary["labels"][split], summary["first_seen"][split] = dict(counts), where
+    return {"summary": [json.dumps(summary)]}
 
 
 @dataclass
@@ -115,10 +106,10 @@ class DataSummary:
 
 
 def _summaries(ds, cfg: RunConfig):
-    from ray.data import ActorPoolStrategy
+    from ray.data import TaskPoolStrategy
 
-    out = ds.map_batches(SummarizeBatch, batch_size=1024, fn_constructor_kwargs={"cfg": cfg},
-                         compute=ActorPoolStrategy(min_size=1, max_size=2), num_cpus=0.5)
+    out = ds.map_batches(summarize_batch, batch_size=1024, fn_kwargs={"cfg": cfg},
+                         compute=TaskPoolStrategy(size=2), num_cpus=0.5)
     for row in out.iter_rows():
         yield json.loads(row["summary"])
 

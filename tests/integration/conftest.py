@@ -28,7 +28,9 @@ VENV_BIN = Path(sys.executable).parent
 def ray_local():
     import ray
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from core.ray_connect import prepare_local_env
+
+    prepare_local_env()
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     from core.ray_connect import quiet_ray_data
@@ -127,6 +129,9 @@ def ray_head():
     # A short temp dir: Ray's socket paths must fit in 107 characters.
     root = Path(tempfile.mkdtemp(prefix="rf-", dir="/tmp"))
     token = secrets.token_hex(16)
+    from core.ray_connect import prepare_local_env
+
+    prepare_local_env()  # the cluster's processes get the same settings as a local instance's
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)

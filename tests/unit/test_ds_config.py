@@ -97,3 +97,19 @@ def test_a_native_train_batch_size_sets_accumulation():
     cfg = cfg_with(training={"batch_size": 4}, deepspeed={"config": {"train_batch_size": 32}})
     ds = build_deepspeed_config(cfg, world_size=2, total_steps=10, use_gpu=False)
     assert engine_shape(ds).gradient_accumulation_steps == 4 and ds["train_batch_size"] == 32
+
+
+@pytest.mark.parametrize("sched", ["linear", "cosine", "constant"])
+def test_no_warmup_means_the_first_step_runs_at_the_full_rate(sched):
+    """DeepSpeed needs one warmup step at least; with warmup_ratio 0 it must not start from learning rate 0."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupDecayLR, WarmupLR
+    from torch.optim import SGD
+
+    cfg = cfg_with(training={"lr_scheduler": sched, "warmup_ratio": 0.0, "learning_rate": 3e-4})
+    s = build_deepspeed_config(cfg, world_size=1, total_steps=10, use_gpu=False)["scheduler"]
+    import torch
+
+    optimizer = SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    kind = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR}[s["type"]]
+    scheduler = kind(optimizer, **s["params"])
+    assert scheduler.get_lr()[0] == pytest.approx(3e-4)
