@@ -10,7 +10,7 @@ import logging
 import os
 import warnings
 
-from core.ray_private import LOCAL_TRAIN_POLL_INTERVAL_S, TRAIN_POLL_INTERVAL_ENV
+from core.ray_private import LOCAL_TRAIN_POLL_INTERVAL_S, PREEMPTION_WATCHER_ENV, TRAIN_POLL_INTERVAL_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,13 @@ def connect(address: str | None = None, num_workers: int = 1) -> str:
 
 def prepare_local_env() -> None:
     """Settings for the processes of a local instance, which inherit this process's environment when it starts
-    Ray (a cluster's nodes have their own): one tokenizer thread per process, Ray Train V2, and Train controllers
-    that poll their workers often (see ``core.ray_private.TRAIN_POLL_INTERVAL_ENV``). Values already set win."""
+    Ray (a cluster's nodes have their own): one tokenizer thread per process, Ray Train V2, Train controllers that
+    poll their workers often and watch no node for preemption (see ``core.ray_private``). Values already set
+    win."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault(TRAIN_POLL_INTERVAL_ENV, LOCAL_TRAIN_POLL_INTERVAL_S)
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
 def quiet_ray_data() -> None:

@@ -25,6 +25,9 @@ PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 # default, runs that report often or end quickly wait for polls. Ray fails a worker only after its poll has hung
 # for RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min), so frequent polls are safe.
 TRAIN_POLL_INTERVAL_ENV, LOCAL_TRAIN_POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+# Ray Train starts a preemption-watcher actor per run, which watches for nodes being drained (spot instances, a
+# shrinking KubeRay cluster). A local instance is one node that is never drained: no watcher, one process less.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # The logger that prints "Uploading package ..." at INFO when a job ships py_modules.
 RUNTIME_ENV_PACKAGING_LOGGER = "ray._private.runtime_env.packaging"
 

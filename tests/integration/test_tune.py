@@ -19,11 +19,14 @@ from tests.integration.helpers import classification_config, read_metrics
 from training.tune import tune_command
 
 pytestmark = pytest.mark.integration
-STEPS = 2 * (128 // 8)  # 2 epochs of 128 records, batch 8, one worker per trial
+STEPS = 2 * (64 // 8)  # 2 epochs of 64 records, batch 8, one worker per trial
+# The resumed search trains longer, so that the watcher's Ctrl+C lands while its second trial still runs.
+RESUME_RECORDS = 128
+RESUME_STEPS = 2 * (RESUME_RECORDS // 8)
 DIVERGING = 1e6  # the loss is NaN at step 2
 
 
-def search_config(tmp_path, model, learning_rates, n_train=128, every=4, **tune):
+def search_config(tmp_path, model, learning_rates, n_train=64, every=4, **tune):
     """Trials evaluate (ASHA's time unit) and log every ``every`` steps and checkpoint every 8."""
     return classification_config(
         tmp_path, model, n_train=n_train, n_val=32,
@@ -106,7 +109,8 @@ def test_asha_search_stops_weak_trials_fails_a_diverging_one_and_exports_the_bes
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_bert, ray_local):
-    cfg = search_config(tmp_path, tiny_bert, [5e-3, 1e-2], scheduler="fifo", max_concurrent_trials=1)
+    cfg = search_config(tmp_path, tiny_bert, [5e-3, 1e-2], n_train=RESUME_RECORDS, scheduler="fifo",
+                        max_concurrent_trials=1)
     tune_dir = cfg.run_dir.resolve()
     progress = {}
 
@@ -131,7 +135,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     assert not (tune_dir / "model").exists() and not (tune_dir / "tune_results.csv").exists()
     first_run = (tune_dir / progress["done"] / "metrics.jsonl").read_text()
 
-    result = tune_command(search_config(tmp_path, tiny_bert, [5e-3, 1e-2], scheduler="fifo",
+    result = tune_command(search_config(tmp_path, tiny_bert, [5e-3, 1e-2], n_train=RESUME_RECORDS, scheduler="fifo",
                                         max_concurrent_trials=1))
     assert result.tune_dir == tune_dir
     assert (tune_dir / progress["done"] / "metrics.jsonl").read_text() == first_run, "finished trial re-ran"
@@ -139,5 +143,5 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
     # The interrupted trial continued from its Train checkpoint (step 8), not from the start.
     steps = [m["step"] for m in read_metrics(tune_dir / progress["going"]) if "loss" in m]
-    assert steps.count(4) == 1 and steps[-1] == STEPS
+    assert steps.count(4) == 1 and steps[-1] == RESUME_STEPS
     assert (result.model_dir / "model.safetensors").is_file()
