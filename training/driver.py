@@ -145,12 +145,14 @@ def resolve_use_gpu(cfg: RunConfig) -> bool:
     return bool(cfg.scaling.use_gpu)
 
 
-def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callbacks=()):
-    """The TorchTrainer of one run (datasets streamed from the Ray Data pipeline)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+# A split whose tokens fit in this many is tokenized once, before training, and kept in Ray's object store
+# (about 4 bytes a token): each epoch and each evaluation then reads the stored blocks instead of reading and
+# tokenizing the files again, which on small data costs more than the pass itself. Larger splits stream.
+MATERIALIZE_MAX_TOKENS = 20_000_000
 
+
+def build_datasets(cfg: RunConfig, labels, summary=None) -> dict:
+    """The tokenized splits of a run; with the pre-flight ``summary``, the small ones materialized."""
     from training.data import Splits, tokenized
 
     splits = Splits(cfg)
@@ -159,6 +161,21 @@ def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callba
     test = splits.records("test")
     if test is not None:
         datasets["test"] = tokenized(test, cfg, labels)
+    if summary is not None:
+        for split, dataset in datasets.items():
+            tokens = summary.length_stats(split, cfg.data.max_seq_length).get("tokens")
+            if tokens is not None and tokens <= MATERIALIZE_MAX_TOKENS:
+                datasets[split] = dataset.materialize()
+    return datasets
+
+
+def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callbacks=(), summary=None):
+    """The TorchTrainer of one run (datasets from the Ray Data pipeline, see ``build_datasets``)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    datasets = build_datasets(cfg, labels, summary)
     train_options = DataConfig.default_ingest_options()
     train_options.preserve_order = True  # same order after a restart, so the skipped batches are the seen ones
     resources = cfg.scaling.resources_per_worker or ({"CPU": 1, "GPU": 1} if plan.use_gpu else {"CPU": 1})
@@ -203,7 +220,7 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     # Rows, not records: a QA record becomes one row per window of its context.
     plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu, num_params,
                            packed_sequences=estimate_packed_sequences(cfg, summary))
-    trainer = build_trainer(cfg, plan, labels, run_dir, [MetricsLogCallback(run_dir), *callbacks])
+    trainer = build_trainer(cfg, plan, labels, run_dir, [MetricsLogCallback(run_dir), *callbacks], summary)
     printer = ProgressPrinter(RunFolder(run_dir).metrics, plan.total_steps) if progress else None
     if printer:
         printer.start()
