@@ -44,6 +44,8 @@ def connect(address: str | None = None, num_workers: int = 1) -> str:
         from ray.util.annotations import RayDeprecationWarning
 
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+        # Ray Data's note that a small split has fewer blocks than the tokenizing task pool could use.
+        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     if ray.is_initialized():
         quiet_ray_data()
         return "existing Ray session"
