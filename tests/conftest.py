@@ -4,50 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import random
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Set in the child pytest that runs the two-node cluster tests beside the rest of the suite.
-BACKGROUND_ENV = "RAYFINE_TESTS_IN_BACKGROUND"
-JOIN_TEST = "tests/integration/test_background.py::test_the_cluster_tests_pass_beside_the_suite"
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests on the two-node ``ray start`` cluster (fixture ``ray_head``) spend most of their time waiting on
-    Ray jobs and subprocesses. When the session has other tests too, they run beside them, in a child pytest
-    started now (``JOIN_TEST`` waits for it and reports its outcome); run alone, they run here, last, so the
-    cluster never idles under other tests and the session's in-process Ray can be shut down before it starts."""
-    cluster = [item for item in items if "ray_head" in getattr(item, "fixturenames", ())]
-    items.sort(key=lambda item: (item in cluster, item.nodeid == JOIN_TEST))
-    others = [item for item in items if item not in cluster and item.nodeid != JOIN_TEST]
-    if not cluster or not others or os.environ.get(BACKGROUND_ENV) or config.option.collectonly:
-        return
-    log = tempfile.NamedTemporaryFile(prefix="rayfine-cluster-tests-", suffix=".log", delete=False)
-    config.rayfine_background = (subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10",
-         *[item.nodeid for item in cluster]],
-        cwd=REPO, env={**os.environ, BACKGROUND_ENV: "1"}, stdout=log, stderr=subprocess.STDOUT),
-        Path(log.name), len(cluster))
-    items[:] = [item for item in items if item not in cluster]
-    config.hook.pytest_deselected(items=cluster)
-
-
-def pytest_unconfigure(config):
-    """A session cut short (Ctrl-C, -x) does not leave its background child running."""
-    started = getattr(config, "rayfine_background", None)
-    if started is not None and started[0].poll() is None:
-        started[0].terminate()
-        try:
-            started[0].wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            started[0].kill()
+    """Tests on the two-node ``ray start`` cluster (fixture ``ray_head``) run last: the cluster then never idles
+    under the rest of the suite, and the session's in-process Ray can be shut down before it starts."""
+    items.sort(key=lambda item: "ray_head" in getattr(item, "fixturenames", ()))
 
 
 def minilm_dir() -> Path:
