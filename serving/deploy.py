@@ -82,18 +82,21 @@ def start_serve(cfg: ServeConfig) -> int:
         return cfg.port
 
 
-def wait_until_healthy(url: str, timeout_s: float) -> None:
+def wait_until_healthy(url: str, timeout_s: float, in_a_row: int = 3) -> None:
+    """Wait until ``url``/healthz answers 200 ``in_a_row`` times, 0.25 s apart: HAProxy reloads its routes when
+    an app is deployed, and a route can answer once, then 404 while the reload settles."""
     import httpx
 
-    deadline, last = time.monotonic() + timeout_s, "no answer"
+    deadline, last, ok = time.monotonic() + timeout_s, "no answer", 0
     while time.monotonic() < deadline:
         try:
             response = httpx.get(f"{url}/healthz", timeout=5.0)
-            if response.status_code == 200:
+            ok = ok + 1 if response.status_code == 200 else 0
+            if ok >= in_a_row:
                 return
             last = f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
-            last = type(exc).__name__
+            ok, last = 0, type(exc).__name__
         time.sleep(0.25)
     raise UserError(f"{url}/healthz did not answer within {timeout_s:.0f}s (last: {last})")
 
