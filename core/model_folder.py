@@ -36,6 +36,20 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def read_json_object(path: Path) -> Optional[dict]:
+    """A JSON object file of a model folder (rayfine.json, config.json, ...); None when the file is missing.
+    Raises UserError naming a file that is not a JSON object."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
+
+
 class ModelInfo(BaseModel):
     """``rayfine.json``. Unknown keys are kept (folders written by later versions still load)."""
 
@@ -55,14 +69,9 @@ class ModelInfo(BaseModel):
     def load(cls, model_dir: Path) -> Optional["ModelInfo"]:
         """The folder's ``rayfine.json``; None when it has none. Raises UserError naming a broken one."""
         path = Path(model_dir) / MODEL_INFO
-        if not path.is_file():
+        raw = read_json_object(path)
+        if raw is None:
             return None
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: expected a JSON object")
         if isinstance(raw.get("labels"), list):
             raw["labels"] = [str(label) for label in raw["labels"]]
         try:

@@ -8,13 +8,12 @@ transformers.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from core.errors import UserError
-from core.model_folder import MODEL_INFO, TASKS, ModelInfo
+from core.model_folder import MODEL_INFO, TASKS, ModelInfo, read_json_object
 
 # Endpoint -> the task it needs. /healthz and /v1/models work for every task.
 ENDPOINT_TASKS = {
@@ -59,8 +58,8 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     path = Path(model_dir).expanduser().resolve()
     if not path.is_dir():
         raise UserError(f"{model_dir}: model folder not found; pass RUN/model or a run config")
-    config = _read_json(path / "config.json")
-    adapter = _read_json(path / "adapter_config.json") if config is None else None
+    config = read_json_object(path / "config.json")
+    adapter = read_json_object(path / "adapter_config.json") if config is None else None
     if config is None and adapter is None:
         raise UserError(f"{path}: no config.json; this is not a Hugging Face model folder "
                         "(expected the model/ folder that `rayfine train` exports)")
@@ -101,15 +100,3 @@ def infer_task(architectures: list[str]) -> Optional[str]:
 def _labels_from_config(config: dict) -> list[str]:
     id2label = config.get("id2label") or {}
     return [id2label[k] for k in sorted(id2label, key=int)] if id2label else []
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return value
