@@ -481,9 +481,17 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         model["name_or_path"] = resolve_model_path(model["name_or_path"], base)
 
 
+# ``data.train`` of a base-model config of ``rayfine api``: each fine-tuning job brings its own training file.
+JOB_SUPPLIED_DATA = "<each fine-tuning job's training_file>"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                raw: dict[str, Any] | None = None) -> RunConfig:
-    """Load and validate a run config; raise ConfigError listing every problem."""
+                raw: dict[str, Any] | None = None, *, data_optional: bool = False) -> RunConfig:
+    """Load and validate a run config; raise ConfigError listing every problem.
+
+    ``data_optional``: a config without ``data.train`` is valid (``rayfine api``'s base models, whose jobs supply
+    their files); its ``data.train`` reads JOB_SUPPLIED_DATA.
+    """
     if raw is None:
         if str(path).startswith("package:"):  # a config shipped inside a Python package (rayfine submit)
             path = resolve_model_path(str(path), Path.cwd())
@@ -504,6 +512,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw["output"] = {**output, "name": Path(path).stem if path else "run"}
     base = Path(path).resolve().parent if path else Path.cwd()
     _resolve_paths(raw, base)
+    if data_optional and isinstance(raw.get("data", {}), dict) and not (raw.get("data") or {}).get("train"):
+        raw["data"] = {**(raw.get("data") or {}), "train": JOB_SUPPLIED_DATA}
     if overrides:
         extra = parse_overrides(overrides)
         _resolve_paths(extra, Path.cwd())

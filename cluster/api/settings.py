@@ -1,6 +1,7 @@
 """What a ``rayfine api`` server is: its base models, where it keeps state, and its limits.
 
-A base model is a run config the operator wrote (task, model, data defaults, training defaults, scaling). Its
+A base model is a run config the operator wrote (task, model, data settings, training defaults, scaling; no
+``data.train`` needed: each job supplies its files). Its
 API name is ``NAME`` in ``NAME=path/config.yaml``, else the file's stem. API users pick a base model by name
 and may change only the OpenAI hyperparameters; everything else comes from the operator's config.
 """
@@ -77,7 +78,7 @@ def load_base_models(args: list[str]) -> dict[str, BaseModel]:
             problems.append(f"{arg}: the model name {name!r} is given twice; name one with NAME=path/config.yaml")
             continue
         try:
-            cfg = load_config(path)
+            cfg = load_config(path, data_optional=True)  # each job brings its files
         except UserError as exc:
             problems.append(exc.render())
             continue

@@ -32,6 +32,23 @@ def test_package_models_keep_their_reference_for_the_cluster(tmp_path):
     assert base.config.model.name_or_path.endswith("model")  # resolved on this machine for the record checks
 
 
+def test_a_base_config_needs_no_training_data(tmp_path):
+    """The API supplies each job's files: a base config holds only what it fixes; a run config still needs data."""
+    from cluster.api.hyperparams import build_job_config, resolve
+    from core.config import JOB_SUPPLIED_DATA, load_config
+
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump({"task": "sequence_classification", "model": {"name_or_path": "m"},
+                                    "data": {"max_seq_length": 64, "text_column": "sentence"}}))
+    base = load_base_models([f"minilm={path}"])["minilm"].config
+    assert base.data.train == JOB_SUPPLIED_DATA and base.data.max_seq_length == 64
+    job = build_job_config(base, resolve(base, None, None, None), seed=1, train_path="/files/t.jsonl",
+                           validation_path=None, storage="/runs", job_id="ftjob-1", model_id="ft:minilm::ftjob-1")
+    assert job.data.train == "/files/t.jsonl" and job.data.text_column == "sentence"
+    with pytest.raises(UserError, match="data.train"):
+        load_config(path)
+
+
 def test_every_problem_is_reported_at_once(tmp_path):
     good = write_config(tmp_path / "good.yaml")
     bad = tmp_path / "bad.yaml"

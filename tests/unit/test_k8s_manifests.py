@@ -1,7 +1,7 @@
 """Checks of the Kubernetes manifests in k8s/, without a cluster and without a running Ray.
 
 Every YAML document under k8s/ is validated: RayCluster, RayJob and RayService (ray.io/v1) against the
-openAPIV3Schema of the official KubeRay CRDs in the shared/ folder beside the repository root, made strict (the API
+openAPIV3Schema of the official KubeRay v1.7.0 CRDs, kept in tests/unit/schemas/kuberay/, made strict (the API
 server prunes unknown fields silently, so a typo like ``rayStartParam`` would otherwise be dropped without a word);
 ConfigMap, PersistentVolumeClaim, Secret, Service, PodMonitor and ServiceMonitor against the small hand-written
 schemas in tests/unit/schemas/. On top of the schemas: the rules the KubeRay operator enforces when it reconciles,
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -26,8 +25,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayService": "ray.io_rayservices.yaml"}
+CRD_SCHEMA_DIR = SCHEMA_DIR / "kuberay"  # KubeRay v1.7.0; refresh.py there fetches another release
+CRD_FILES = {"RayCluster": "rayclusters.v1.json", "RayJob": "rayjobs.v1.json", "RayService": "rayservices.v1.json"}
 RAY_API_VERSION = "ray.io/v1"
 SHARED_MOUNT = "/mnt/shared"
 SERVE_IMPORT_PATH = "serving.app:build_app"
@@ -37,7 +36,6 @@ DASHBOARD_METRICS = (
     "ray_rayfine_serve_request_latency_ms_bucket", "ray_rayfine_serve_requests_total",
     "ray_rayfine_serve_errors_total", "ray_serve_num_http_requests_total", "ray_serve_http_request_latency_ms_bucket",
 )
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # for the large CRD files
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -96,16 +94,10 @@ def project_version() -> str:
     return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
-def find_crd_dir() -> Path:
-    """The KubeRay CRDs live in shared/kuberay-crds beside the repository root (RAYFINE_KUBERAY_CRDS overrides)."""
-    candidates = [Path(os.environ["RAYFINE_KUBERAY_CRDS"])] if os.environ.get("RAYFINE_KUBERAY_CRDS") else []
-    candidates.append(REPO_ROOT.parent / "shared" / "kuberay-crds")
-    for folder in candidates:
-        if all((folder / name).is_file() for name in CRD_FILES.values()):
-            return folder
-    pytest.fail(f"KubeRay CRDs not found: looked for {', '.join(CRD_FILES.values())} in "
-                f"{', '.join(str(c) for c in candidates)}. They come with the shared/ folder beside the repository "
-                "root; or set RAYFINE_KUBERAY_CRDS to a folder holding them.")
+@lru_cache(maxsize=None)
+def crd_schema(kind: str) -> dict:
+    """The openAPIV3Schema of KubeRay's ``ray.io/v1`` CRD for ``kind``, as the API server has it."""
+    return json.loads((CRD_SCHEMA_DIR / CRD_FILES[kind]).read_text())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,11 +163,8 @@ KubernetesValidator = jsonschema.validators.extend(
 
 
 @lru_cache(maxsize=None)
-def crd_validator(kind: str, version: str = "v1") -> jsonschema.Validator:
-    crd = yaml.load((find_crd_dir() / CRD_FILES[kind]).read_text(), Loader=_Loader)
-    versions = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served")}
-    assert version in versions, f"{CRD_FILES[kind]}: no served version {version}"
-    return KubernetesValidator(strict_schema(versions[version]["schema"]["openAPIV3Schema"]))
+def crd_validator(kind: str) -> jsonschema.Validator:
+    return KubernetesValidator(strict_schema(crd_schema(kind)))
 
 
 @lru_cache(maxsize=None)
@@ -331,9 +320,7 @@ def test_a_misspelled_field_fails_crd_validation():
     errors = schema_errors(doc)
     assert any("rayStartParam'" in e and "headGroupSpec" in e for e in errors), errors
     # The CRD schema as the API server uses it accepts the typo (and prunes the field): hence strict_schema.
-    crd = yaml.load((find_crd_dir() / CRD_FILES["RayJob"]).read_text(), Loader=_Loader)
-    raw = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    assert KubernetesValidator(raw).is_valid(doc)
+    assert KubernetesValidator(crd_schema("RayJob")).is_valid(doc)
 
 
 @pytest.mark.parametrize("mutate, expected", [
