@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="stream the job's logs until it ends; the exit code is the job's outcome")
     p.add_argument("--storage", default=None, metavar="DIR",
-                   help="folder on the cluster for the run folder (default: RAYFINE_STORAGE, else "
-                        "~/rayfine/runs on the cluster)")
+                   help="folder on the cluster for the run folder (default: the config's output.dir when it "
+                        "is absolute, else RAYFINE_STORAGE, else ~/rayfine/runs on the cluster)")
     p.add_argument("--data-on-cluster", action="store_true",
                    help="the data paths exist on the cluster (a shared volume): use them as they are instead "
                         "of sending copies with the job")

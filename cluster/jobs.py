@@ -3,8 +3,11 @@
 A submitted job carries its own package, ``rayfine_job_<id>``: ``config.yaml`` (the resolved config, with
 ``--set`` applied) and ``data/``, a copy of every local data file the config names, so the cluster needs nothing
 from the submitting machine. Object-store URIs (``s3://``, ``gs://``, ...) pass through, and ``data_on_cluster``
-passes local paths through unchanged (files on a volume the cluster mounts). The entrypoint is always
-``rayfine <command> package:rayfine_job_<id>/config.yaml``: nothing in it comes from user strings.
+passes local paths through unchanged (files on a volume the cluster mounts). The entrypoint runs
+``rayfine <command> package:rayfine_job_<id>/config.yaml`` after checking that ``rayfine`` is on the PATH of the
+cluster's processes (else it says so and exits 127): nothing in it comes from user strings. Ray starts a job's
+entrypoint with the PATH of the ``ray start`` that started the head node; no interpreter path is exposed to it, so
+the check is the dependable part.
 
 The package travels as a ``py_modules`` entry of the job's runtime environment rather than as its
 ``working_dir``: with torch 2.13's CPU wheel, a job driver started in a ``working_dir`` was seen to die in oneMKL
@@ -64,6 +67,22 @@ class JobState:
         return self.status in TERMINAL
 
 
+def run_storage(cfg: RunConfig, storage: str | None) -> str:
+    """Where the run folder goes on the cluster: ``--storage``, else the config's ``output.dir`` when absolute
+    (written for the cluster), else RAYFINE_STORAGE, else ``~/rayfine/runs`` (expanded on the cluster)."""
+    if storage:
+        return storage
+    if cfg.output.dir.startswith(("/", "~")) or "://" in cfg.output.dir:
+        return cfg.output.dir
+    return os.environ.get("RAYFINE_STORAGE") or DEFAULT_STORAGE
+
+
+def display_entrypoint(entrypoint: str) -> str:
+    """``rayfine COMMAND ...`` out of a job's entrypoint (it is wrapped in a PATH check)."""
+    start = entrypoint.find("exec rayfine ")
+    return entrypoint[start + 5:].split(";")[0] if start >= 0 else entrypoint
+
+
 def jobs_address(address: str | None) -> str:
     """The Jobs API address: ``--address``, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
@@ -107,7 +126,7 @@ class JobsClient:
         """
         if command not in COMMANDS:
             raise UserError(f"--command {command}: choose one of {', '.join(COMMANDS)}")
-        storage = storage or os.environ.get("RAYFINE_STORAGE") or DEFAULT_STORAGE
+        storage = run_storage(cfg, storage)
         with tempfile.TemporaryDirectory(prefix="rayfine-job-") as tmp:
             module = f"rayfine_job_{uuid.uuid4().hex[:12]}"
             package = Path(tmp) / module
@@ -127,8 +146,7 @@ class JobsClient:
                 raise UserError(f"the job's data is {size / 2**20:.0f} MiB, more than Ray carries with a job "
                                 f"({MAX_PACKAGE_BYTES // 2**20} MiB); put it on object storage (s3://, gs://) or "
                                 "a volume the cluster mounts and pass --data-on-cluster")
-            entrypoint = (f"rayfine {command} package:{module}/config.yaml"
-                          + (" --detach" if command == "run" else ""))
+            entrypoint = job_entrypoint(command, module)
             run_dir = f"{storage.rstrip('/')}/{raw['output']['name']}"
             meta = {"rayfine_command": command, "rayfine_run_dir": run_dir, "rayfine_task": cfg.task,
                     **(metadata or {})}
@@ -196,6 +214,21 @@ class JobsClient:
             return UserError(f"no job {job_id} on the cluster at {self.address} (list them with: ray job list "
                              f"--address {self.address})")
         return UserError(f"the Ray Jobs API at {self.address} failed for job {job_id}: {text}{_auth_hint(exc)}")
+
+
+NOT_ON_PATH = 127  # the shell's "command not found"
+NOT_ON_PATH_HELP = (
+    "rayfine is not installed on the cluster, or not on the PATH of the process that ran `ray start` on the head "
+    "node: install the same rayfine there (pip install -e . in a clone, or the image built from k8s/Dockerfile) and start Ray from the "
+    "environment that has it (activate the virtualenv first, or run its bin/ray start)")
+
+
+def job_entrypoint(command: str, module: str) -> str:
+    """The job's shell command: ``rayfine COMMAND package:MODULE/config.yaml``, or a clear error when the cluster's
+    PATH has no rayfine (Ray's own message would be a bare "exit code 127")."""
+    args = f"{command} package:{module}/config.yaml" + (" --detach" if command == "run" else "")
+    return (f"if command -v rayfine >/dev/null 2>&1; then exec rayfine {args}; fi; "
+            f"echo 'error: {NOT_ON_PATH_HELP} (PATH='\"$PATH\"')' >&2; exit {NOT_ON_PATH}")
 
 
 def _package_data(data: dict, dest: Path) -> dict:
@@ -301,6 +334,8 @@ def failure_reason(state: JobState) -> str:
     if not state.message:
         return ""
     lines = state.message.splitlines()
+    if f"exit code {NOT_ON_PATH}" in lines[0] and not any(line.startswith("error:") for line in lines):
+        lines.append(f"error: {NOT_ON_PATH_HELP}")
     errors, inside = [], False
     for line in lines[1:]:  # "error: ..." and the indented lines that belong to it
         inside = line.startswith("error:") or (inside and line.startswith(" ") and line.strip() != "")
@@ -314,7 +349,7 @@ def status_command(address: str | None, job_id: str) -> int:
     state = client.status(job_id)
     print(f"job {state.job_id}: {state.status}")
     if state.entrypoint:
-        print(f"  entrypoint: {state.entrypoint}")
+        print(f"  entrypoint: {display_entrypoint(state.entrypoint)}")
     if state.metadata.get("rayfine_run_dir"):
         print(f"  run folder: {state.metadata['rayfine_run_dir']}")
     if state.start_time:

@@ -49,8 +49,11 @@ def job_id_of(stdout: str) -> str:
 def test_submitted_job_trains_on_the_cluster_with_the_data_it_carried(tmp_path, tiny_bert, ray_head):
     config = write_config(tmp_path, tiny_bert)
     storage = ray_head.storage / "submit"
-    out = rayfine(["submit", str(config), "--address", ray_head.address, "--storage", str(storage)], ray_head.env)
+    # An absolute output.dir is where the run goes on the cluster when no --storage is given.
+    out = rayfine(["submit", str(config), "--address", ray_head.address, "--set", f"output.dir={storage}"],
+                  ray_head.env)
     assert out.returncode == 0, out.stderr
+    assert f"run folder on the cluster: {storage}/sentiment" in out.stdout, out.stdout
     job_id = job_id_of(out.stdout)
     # The job carries copies: the local files can go as soon as it is submitted.
     for path in (tmp_path / "data").iterdir():
@@ -89,6 +92,23 @@ def test_wait_streams_the_log_and_a_failed_job_exits_1_with_its_error(tmp_path, 
     assert "Checking the data" in out.stdout  # the job's own log, streamed
     assert "failed" in out.stderr and "train.jsonl:5" in out.stderr, out.stderr
     assert not (ray_head.storage / "sentiment").exists()  # bad data is refused before a run folder exists
+
+
+def test_a_cluster_without_rayfine_on_its_path_says_so(tmp_path, tiny_bert, ray_head):
+    """The job's processes get the PATH of `ray start`; here it lacks the venv (as when it was not activated)."""
+    from ray.job_submission import JobSubmissionClient
+
+    from cluster.jobs import job_entrypoint
+
+    client = JobSubmissionClient(ray_head.address, headers={"Authorization": f"Bearer {ray_head.token}"})
+    job_id = client.submit_job(entrypoint=job_entrypoint("train", "rayfine_job_missing"),
+                               runtime_env={"env_vars": {"PATH": "/usr/bin:/bin"}})
+    assert ray_head.wait_job(job_id, timeout=120) == "FAILED"
+    out = rayfine(["status", job_id, "--address", ray_head.address], ray_head.env)
+    assert out.returncode == 0 and "exit code 127" in out.stdout, out.stdout
+    assert "rayfine is not installed on the cluster, or not on the PATH of the process that ran `ray start`" \
+        in out.stdout, out.stdout
+    assert "entrypoint: rayfine train package:rayfine_job_missing/config.yaml" in out.stdout, out.stdout
 
 
 def test_stop_ends_a_running_job(tmp_path, tiny_bert, ray_head):

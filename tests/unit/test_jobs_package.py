@@ -55,3 +55,35 @@ def test_failure_reason_keeps_the_jobs_own_error_lines():
     reason = failure_reason(JobState(job_id="j", status="FAILED", message=message))
     assert reason == (": Job entrypoint command failed with exit code 1\n  error: 1 problem(s) in the data:\n"
                       "    train.jsonl:5: not valid JSON")
+
+
+def test_the_run_folder_goes_where_the_user_said(monkeypatch):
+    from cluster.jobs import run_storage
+    from core.config import RunConfig
+
+    def cfg(out_dir: str) -> RunConfig:
+        return RunConfig.model_validate({"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+                                         "output": {"dir": out_dir, "name": "r"}})
+
+    monkeypatch.delenv("RAYFINE_STORAGE", raising=False)
+    assert run_storage(cfg("/mnt/shared/runs"), None) == "/mnt/shared/runs"  # absolute: meant for the cluster
+    assert run_storage(cfg("/mnt/shared/runs"), "/elsewhere") == "/elsewhere"  # --storage wins
+    assert run_storage(cfg("runs"), None) == "~/rayfine/runs"  # relative to this machine: the cluster default
+    monkeypatch.setenv("RAYFINE_STORAGE", "/env/runs")
+    assert run_storage(cfg("runs"), None) == "/env/runs"
+
+
+def test_a_cluster_without_rayfine_gets_an_explanation_not_a_bare_exit_code(tmp_path):
+    import subprocess
+
+    from cluster.jobs import display_entrypoint, job_entrypoint
+
+    entrypoint = job_entrypoint("run", "rayfine_job_x")
+    assert display_entrypoint(entrypoint) == "rayfine run package:rayfine_job_x/config.yaml --detach"
+    done = subprocess.run(entrypoint, shell=True, env={"PATH": str(tmp_path)}, capture_output=True, text=True)
+    assert done.returncode == 127
+    assert done.stderr.startswith("error: rayfine is not installed on the cluster, or not on the PATH")
+    assert f"PATH={tmp_path}" in done.stderr
+    # Ray's message when the job's log has no such line (another entrypoint): the same explanation.
+    bare = JobState(job_id="j", status="FAILED", message="Job entrypoint command failed with exit code 127")
+    assert "rayfine is not installed on the cluster" in failure_reason(bare)
