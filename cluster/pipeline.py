@@ -11,8 +11,8 @@ import os
 import time
 from pathlib import Path
 
-from cluster.ray_start import start_ray
-from cluster.serve_command import deploy_and_check
+from cluster.ray_start import start_ray, stop_local_ray
+from cluster.serve_command import check_port_free, deploy_and_check, stopping_cleanly, wait_for_stop
 from core.config import RunConfig
 from core.errors import UserError
 from core.ray_connect import is_local
@@ -63,6 +63,7 @@ def run_all(cfg: RunConfig, address: str | None, detach: bool) -> int:
     from training.driver import train
 
     started = time.time()
+    check_port_free(cfg.serve, address)  # before training, not after it
     if cfg.tune.enabled:
         from training.tune import build_param_space, local_workers, tune_command
 
@@ -82,27 +83,25 @@ def run_all(cfg: RunConfig, address: str | None, detach: bool) -> int:
         shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
         print(f"  {split}: {shown}")
     print("\n== 3/4 serve ==", flush=True)
-    url = deploy_and_check(model_dir, cfg.serve, trust_remote_code=cfg.model.trust_remote_code, address=address)
-    for path in endpoints_for(cfg.task):
-        print(f"  {url}{path}")
-    print("\n== 4/4 sample request ==", flush=True)
-    path, body = sample_request(cfg.task, first_record(cfg))
-    answer = call_endpoint(url, path, body, cfg.serve.api_keys_env)
-    print(f"  POST {path} {json.dumps(body)}")
-    print(f"  -> {answer['status']} {json.dumps(answer['body'])}")
-    if answer["status"] != 200:
-        shutdown()
-        raise UserError(f"the served model answered {answer['status']} to the sample request")
-    print(f"\nDone in {time.time() - started:.0f}s. Model: {model_dir}  Serving at: {url}")
-    if detach:
-        if is_local(address):
-            print("(--detach on a local Ray instance: the server stops as this command exits; "
-                  f"`rayfine serve {model_dir}` serves it again)")
-        return 0
-    print("Ctrl-C to stop serving")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        shutdown()
-    return 0
+    with stopping_cleanly() as stop:
+        url = deploy_and_check(model_dir, cfg.serve, trust_remote_code=cfg.model.trust_remote_code,
+                               address=address)
+        for path in endpoints_for(cfg.task):
+            print(f"  {url}{path}")
+        print("\n== 4/4 sample request ==", flush=True)
+        path, body = sample_request(cfg.task, first_record(cfg))
+        answer = call_endpoint(url, path, body, cfg.serve.api_keys_env)
+        print(f"  POST {path} {json.dumps(body)}")
+        print(f"  -> {answer['status']} {json.dumps(answer['body'])}")
+        if answer["status"] != 200:
+            shutdown()
+            raise UserError(f"the served model answered {answer['status']} to the sample request")
+        print(f"\nDone in {time.time() - started:.0f}s. Model: {model_dir}  Serving at: {url}")
+        if detach:
+            if is_local(address):
+                print("(--detach on a local Ray instance: the server stops as this command exits; "
+                      f"`rayfine serve {model_dir}` serves it again)")
+                stop_local_ray()
+            return 0
+        wait_for_stop(stop, "Ctrl-C to stop serving")
+    return stop.code

@@ -7,24 +7,44 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from cluster.ingress import LABELS, active_ingress, check_ingress
-from cluster.ray_start import start_ray
+from cluster.ray_start import (
+    local_raylet_pids,
+    raylet_gone,
+    start_ray,
+    started_local_instance,
+    stop_local_ray,
+    within,
+)
 from core.config import ServeConfig, load_config, parse_overrides
 from core.errors import ConfigError, UserError
+from core.ray_connect import is_local
 from core.run_folder import RunFolder
+
+logger = logging.getLogger(__name__)
+
+# How long stopping waits for Serve to remove the app (a replica drains for 2 s on a local instance) before it
+# goes on without it: Ray's processes may have been stopped with ours.
+SERVE_SHUTDOWN_DEADLINE_S = 15.0
 
 
 def serve_command(target: str, overrides: list[str], address: str | None, detach: bool,
                   config_out: str | None) -> int:
     """The ``rayfine serve`` verb. Returns the exit code."""
-    from serving.deploy import endpoints_for, shutdown, write_serve_config
+    from serving.deploy import endpoints_for, write_serve_config
     from serving.model_folder import load_model_spec
 
     model_dir, cfg, trust_remote_code = resolve_target(target, overrides)
@@ -34,28 +54,105 @@ def serve_command(target: str, overrides: list[str], address: str | None, detach
               "installed, or embed it in a RayService's serveConfigV2")
         return 0
     spec = load_model_spec(model_dir)  # a folder that cannot be served fails before Ray starts
+    check_port_free(cfg, address)
     where = start_ray(address, serve_proxy=cfg.proxy)
-    url = deploy_and_check(model_dir, cfg, trust_remote_code=trust_remote_code, address=address)
-    ingress = LABELS.get(active_ingress() or "", "unknown")
-    print(f"Serving {spec.model_id} ({spec.task}) on {where} at {url} (HTTP ingress: {ingress})")
-    for path in endpoints_for(spec.task):
-        print(f"  {url}{path}")
-    if os.environ.get(cfg.api_keys_env):
-        print(f"  auth: on (Authorization: Bearer KEY, keys from ${cfg.api_keys_env})")
-    if detach:
-        if not (address or os.environ.get("RAY_ADDRESS")):
-            print("note: --detach with a local Ray instance: serving stops when this command exits; "
-                  "start a cluster (`ray start --head`) and pass --address to keep it running")
-        return 0
-    print("Ctrl-C to stop")
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `docker stop`, `kill`: stop as cleanly as Ctrl-C
+    with stopping_cleanly() as stop:
+        url = deploy_and_check(model_dir, cfg, trust_remote_code=trust_remote_code, address=address)
+        ingress = LABELS.get(active_ingress() or "", "unknown")
+        print(f"Serving {spec.model_id} ({spec.task}) on {where} at {url} (HTTP ingress: {ingress})")
+        for path in endpoints_for(spec.task):
+            print(f"  {url}{path}")
+        if os.environ.get(cfg.api_keys_env):
+            print(f"  auth: on (Authorization: Bearer KEY, keys from ${cfg.api_keys_env})")
+        if detach:
+            if is_local(address):
+                print("note: --detach with a local Ray instance: serving stops when this command exits; "
+                      "start a cluster (`ray start --head`) and pass --address to keep it running")
+                stop_local_ray()
+            return 0
+        wait_for_stop(stop, "Ctrl-C to stop")
+    return stop.code
+
+
+def check_port_free(cfg: ServeConfig, address: str | None) -> None:
+    """On a local instance rayfine is about to start, ``serve.port`` must be free: say so before Ray starts
+    (a cluster's head, or a Ray this process already runs with Serve on the port, is not checked here)."""
+    import ray
+
+    if not is_local(address) or ray.is_initialized():
+        return
+    with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to listen on
+        try:
+            sock.bind((cfg.host, cfg.port))
+        except OSError as exc:
+            raise UserError(f"serve.port {cfg.port} on {cfg.host} is already in use ({exc.strerror}): another "
+                            f"server holds it (an earlier `rayfine serve`?). Stop it, or pick another port with "
+                            f"--set serve.port={_suggest_port(cfg)}") from None
+
+
+def _suggest_port(cfg: ServeConfig) -> int:
+    for port in range(cfg.port + 1, min(cfg.port + 100, 65536)):
+        with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as sock:
+            try:
+                sock.bind((cfg.host, port))
+                return port
+            except OSError:
+                continue
+    return cfg.port + 1
+
+
+@dataclass
+class Stop:
+    serving: bool = False  # whether the server was up (waiting for a stop) when it was stopped
+    code: int = 0  # the exit code: 0 when stopped while serving, 130 when stopped before
+
+
+@contextmanager
+def stopping_cleanly() -> Iterator[Stop]:
+    """From here on SIGTERM (`docker stop`, `kill`, a supervisor) acts as Ctrl-C, and either one, at any point
+    of the block, stops within a deadline: the apps this process deployed are removed, and a local instance is
+    shut down with every process it left (its HAProxy included). The previous SIGTERM handler is restored after."""
+    stop = Stop()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        while True:
-            time.sleep(3600)
+        yield stop
     except KeyboardInterrupt:
-        print("stopping")
-        shutdown()
-    return 0
+        print("stopping", flush=True)
+        stop.code = 0 if stop.serving else 130
+        stop_serving()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def wait_for_stop(stop: Stop, hint: str) -> None:
+    """Serve until Ctrl-C or SIGTERM (inside ``stopping_cleanly``)."""
+    print(hint, flush=True)
+    stop.serving = True
+    while True:
+        time.sleep(3600)
+
+
+def stop_serving() -> None:
+    """Remove the apps this process deployed (and stop Serve when none is left); for a local instance also
+    stop Ray and what it left. A second Ctrl-C skips the wait for Serve."""
+    from serving.deploy import shutdown
+
+    local = started_local_instance()
+    raylets = local_raylet_pids()  # now: once the raylet is reaped its pid says nothing
+    answered = False
+    try:
+        answered = within(SERVE_SHUTDOWN_DEADLINE_S, shutdown, give_up=lambda: raylet_gone(raylets))
+        if not answered:
+            logger.warning("Ray's processes were stopped along with this one (or Serve did not stop within "
+                           "%.0fs): stopping what is left of them", SERVE_SHUTDOWN_DEADLINE_S)
+    except KeyboardInterrupt:
+        pass
+    if local and not stop_local_ray(raylets, ray_alive=answered):
+        # Ray's own shutdown, which would run again at exit, hangs on an instance that is gone; all of it stopped.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def deploy_and_check(model_dir: Path, cfg: ServeConfig, *, trust_remote_code: bool, address: str | None) -> str:

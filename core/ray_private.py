@@ -28,6 +28,9 @@ TRAIN_POLL_INTERVAL_ENV, LOCAL_TRAIN_POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_I
 # Ray Train starts a preemption-watcher actor per run, which watches for nodes being drained (spot instances, a
 # shrinking KubeRay cluster). A local instance is one node that is never drained: no watcher, one process less.
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# Set by the raylet in the environment of every worker it starts (inherited by their children, such as Serve's
+# HAProxy): how the processes a local instance left behind are found (cluster.ray_start.stop_local_ray).
+RAYLET_PID_ENV = "RAY_RAYLET_PID"
 # The logger that prints "Uploading package ..." at INFO when a job ships py_modules.
 RUNTIME_ENV_PACKAGING_LOGGER = "ray._private.runtime_env.packaging"
 
