@@ -68,6 +68,7 @@ class TrainState:
     epoch: int = 0
     micro_in_epoch: int = 0
     samples_seen: int = 0
+    trained_tokens: int = 0  # tokens of every worker's batches so far (padding excluded)
     finished: bool = False
 
 
@@ -290,10 +291,12 @@ class Worker:
         import torch
         import torch.distributed as dist
 
-        loss = torch.tensor([sum(self.log_window), len(self.log_window)], dtype=torch.float64)
+        window = torch.tensor([sum(self.log_window), len(self.log_window), self.window_tokens], dtype=torch.float64)
         if dist.is_initialized():
-            loss = loss.to(self.device)
-            dist.all_reduce(loss)
+            window = window.to(self.device)
+            dist.all_reduce(window)
+        loss, tokens = window[:2], int(window[2])  # tokens: every worker's
+        self.state.trained_tokens += tokens
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         metrics = {
             "step": self.state.global_step,
@@ -301,7 +304,8 @@ class Worker:
             "loss": float(loss[0] / max(loss[1], 1)),
             "lr": float(self.engine.get_lr()[0]),
             "samples_per_second": self.window_samples * self.world / elapsed,
-            "tokens_per_second": self.window_tokens * self.world / elapsed,
+            "tokens_per_second": tokens / elapsed,
+            "trained_tokens": self.state.trained_tokens,
             "total_steps": self.plan.total_steps,
             "resumed_from_step": self.resumed_from_step,
         }

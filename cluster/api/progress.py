@@ -67,6 +67,15 @@ def metrics_message(data: dict[str, Any]) -> str:
     return f"{where}: " + (", ".join(parts) if parts else "progress")
 
 
+def estimate_finish(first: tuple[int, float], last: tuple[int, float], total_steps: int) -> Optional[int]:
+    """The Unix time at which step ``total_steps`` is reached at the pace from ``first`` to ``last`` (step, time);
+    None until two reports some steps apart give a pace."""
+    (step0, time0), (step1, time1) = first, last
+    if step1 <= step0 or time1 <= time0:
+        return None
+    return int(round(time1 + (time1 - time0) / (step1 - step0) * max(total_steps - step1, 0)))
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     name: str

@@ -76,7 +76,9 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "fine_tuned_model": row["fine_tuned_model"] if row["status"] == "succeeded" else None,
         "organization_id": ORGANIZATION, "result_files": [], "training_file": row["training_file"],
         "validation_file": row["validation_file"], "hyperparameters": hp, "seed": row["seed"],
-        "trained_tokens": row["trained_tokens"], "error": row["error"], "estimated_finish": None,
+        # As OpenAI reports them: trained_tokens once succeeded, estimated_finish while running.
+        "trained_tokens": row["trained_tokens"] if row["status"] == "succeeded" else None, "error": row["error"],
+        "estimated_finish": row.get("estimated_finish") if row["status"] == "running" else None,
         "integrations": [], "metadata": row["metadata"], "user_provided_suffix": row["suffix"],
         "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
     }

@@ -51,6 +51,7 @@ class JobRunner:
         self._submit_failures: dict[str, int] = {}
         self._unreadable_since: dict[str, float] = {}
         self._told_waiting: set[str] = set()
+        self._first_report: dict[str, tuple[int, float]] = {}  # per job: (step, time) of the first report read
         self.base_models = base_models
         self._lock = threading.RLock()  # held for status transitions shared with cancel
         self._wake, self._stopping = threading.Event(), threading.Event()
@@ -264,13 +265,15 @@ class JobRunner:
         run_dir = Path(job["run_dir"])
         records, offset = progress.read_new_metrics(RunFolder(run_dir).metrics, job["metrics_offset"])
         if records:
-            total = job["total_steps"]
+            total, tokens = job["total_steps"], None
             events = []
             for record in records:
                 total = record.get("total_steps") or total
+                tokens = record.get("trained_tokens", tokens)
                 data = progress.metrics_data(record, total)
                 events.append((progress.metrics_message(data), data))
-            self.store.add_metrics(job["id"], events, offset, total)
+            finish = self._estimate_finish(job["id"], records, total)
+            self.store.add_metrics(job["id"], events, offset, total, tokens, finish)
             job.update(metrics_offset=offset, total_steps=total)
         known = self.store.checkpoint_names(job["id"])
         for ckpt in progress.scan_checkpoints(run_dir):
@@ -284,6 +287,14 @@ class JobRunner:
                    "created_at": ckpt.created_at, "metrics": metrics}
             if self.store.add_checkpoint(row):
                 self.store.add_event(job["id"], f"Checkpoint created at step {ckpt.step}")
+
+    def _estimate_finish(self, job_id: str, records: list[dict[str, Any]], total: Optional[int]) -> Optional[int]:
+        """When the run should end, at the pace it has kept since the first report this server read."""
+        timed = [r for r in records if isinstance(r.get("step"), int) and isinstance(r.get("time"), (int, float))]
+        if not timed or not total:
+            return None
+        first = self._first_report.setdefault(job_id, (timed[0]["step"], timed[0]["time"]))
+        return progress.estimate_finish(first, (timed[-1]["step"], timed[-1]["time"]), total)
 
     # ---- cancel (request threads) --------------------------------------------------------------------------
     def cancel(self, job_id: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     seed INTEGER NOT NULL, metadata TEXT, status TEXT NOT NULL, error TEXT, fine_tuned_model TEXT NOT NULL,
     created_at INTEGER NOT NULL, finished_at INTEGER, ray_job_id TEXT NOT NULL, submitted INTEGER NOT NULL DEFAULT 0,
     run_dir TEXT, metrics_offset INTEGER NOT NULL DEFAULT 0, total_steps INTEGER, trained_tokens INTEGER,
-    config TEXT NOT NULL);
+    config TEXT NOT NULL, estimated_finish INTEGER);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
     created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL, name TEXT NOT NULL,
     step INTEGER NOT NULL, created_at INTEGER NOT NULL, metrics TEXT NOT NULL, UNIQUE (job_id, name));
 """
+# Columns added after the first release: (table, column, type), added to an older database when it is opened.
+_ADDED_COLUMNS = (("jobs", "estimated_finish", "INTEGER"),)
 _JSON_COLUMNS = {"hyperparameters", "metadata", "error", "data", "metrics", "config"}
 
 
@@ -68,6 +70,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        for table, column, kind in _ADDED_COLUMNS:
+            if column not in {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -164,9 +169,10 @@ class Store:
         return self._page("events", "job_id = ?", [job_id], after, limit)
 
     def add_metrics(self, job_id: str, events: list[tuple[str, dict[str, Any]]], offset: int,
-                    total_steps: Optional[int]) -> None:
-        """Record metrics events ``(message, data)`` and how far ``metrics.jsonl`` has been read, in one
-        transaction (a restart neither repeats nor skips a line)."""
+                    total_steps: Optional[int], trained_tokens: Optional[int] = None,
+                    estimated_finish: Optional[int] = None) -> None:
+        """Record metrics events ``(message, data)``, how far ``metrics.jsonl`` has been read and the progress
+        it gives, in one transaction (a restart neither repeats nor skips a line)."""
         now = int(time.time())
         with self._lock:
             self._db.execute("BEGIN")
@@ -176,8 +182,10 @@ class Store:
                         "INSERT INTO events (id, job_id, created_at, level, message, type, data, step) "
                         "VALUES (?, ?, ?, 'info', ?, 'metrics', ?, ?)",
                         [new_id("ftevent"), job_id, now, message, json.dumps(data), data.get("step")])
-                self._db.execute("UPDATE jobs SET metrics_offset = ?, total_steps = ? WHERE id = ?",
-                                 [offset, total_steps, job_id])
+                self._db.execute("UPDATE jobs SET metrics_offset = ?, total_steps = ?, "
+                                 "trained_tokens = COALESCE(?, trained_tokens), "
+                                 "estimated_finish = COALESCE(?, estimated_finish) WHERE id = ?",
+                                 [offset, total_steps, trained_tokens, estimated_finish, job_id])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

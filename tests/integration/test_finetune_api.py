@@ -174,13 +174,15 @@ def test_cancel_stops_the_ray_job(sdk, jobs_client):
 
 
 def test_a_job_runs_to_succeeded_across_a_server_restart(api, sdk, jobs_client, ray_head):
-    train = upload(sdk, sentiment_rows(48, seed=4), "train.jsonl")
+    rows = sentiment_rows(48, seed=4)
+    train = upload(sdk, rows, "train.jsonl")
     val = upload(sdk, sentiment_rows(16, seed=5), "val.jsonl")
     job = sdk.fine_tuning.jobs.create(
         model=BASE, training_file=train.id, validation_file=val.id, suffix="e2e", seed=11,
         method={"type": "supervised", "supervised": {"hyperparameters": {
             "n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 1.0}}})
-    wait_for(sdk, job.id, {"running"}, timeout=90)
+    running = wait_for(sdk, job.id, {"running"}, timeout=90)
+    assert running.trained_tokens is None  # as OpenAI: known once the job has succeeded
 
     api.stop()  # the job goes on without the server; the restarted server reconciles it
     assert jobs_client.wait(f"rayfine-{job.id}", timeout=240) == "SUCCEEDED"
@@ -194,6 +196,14 @@ def test_a_job_runs_to_succeeded_across_a_server_restart(api, sdk, jobs_client, 
 
     run_dir = ray_head.storage / "api-runs" / job.id
     assert json.loads((run_dir / "model" / "rayfine.json").read_text())["model_id"] == expected
+    # trained_tokens by hand: every training record's tokens (truncated at max_seq_length), once per epoch.
+    from transformers import AutoTokenizer
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(config["model"]["name_or_path"])
+    lengths = tokenizer([r["text"] for r in rows], truncation=True, max_length=config["data"]["max_seq_length"])
+    assert done.trained_tokens == 2 * sum(len(ids) for ids in lengths["input_ids"])
+    assert done.estimated_finish is None
     assert expected in [m.id for m in sdk.models.list()]
 
     events = [e for e in sdk.fine_tuning.jobs.list_events(job.id, limit=5)]  # paged 5 at a time

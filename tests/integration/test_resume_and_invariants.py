@@ -6,6 +6,9 @@ classification run (``trained_classifier``, which fails once at step 10).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -18,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_worker_failure_restarts_from_checkpoint_and_finishes(trained_classifier):
-    _, result = trained_classifier
+    cfg, result = trained_classifier
     metrics = read_metrics(result.run_dir)
     logged = [(m["step"], m["resumed_from_step"]) for m in metrics if "loss" in m]
     total = [m for m in metrics if m.get("final")][-1]["step"]
@@ -31,6 +34,15 @@ def test_worker_failure_restarts_from_checkpoint_and_finishes(trained_classifier
     assert {r for s, r in logged if s <= restart} == {0}
     assert {r for s, r in logged if s > restart} == {restart}
     assert (result.model_dir / "model.safetensors").is_file()
+    # The token count resumed with the checkpoint: the steps redone after the restart are counted once. By hand:
+    # every training record's tokens (truncated at max_seq_length), once per epoch.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    texts = [json.loads(line)["text"] for line in Path(cfg.data.train).read_text().splitlines()]
+    lengths = tokenizer(texts, truncation=True, max_length=cfg.data.max_seq_length)["input_ids"]
+    counts = [m["trained_tokens"] for m in metrics if "trained_tokens" in m]
+    assert counts == sorted(counts) and counts[-1] == cfg.training.epochs * sum(len(ids) for ids in lengths)
 
 
 def test_rerunning_an_interrupted_run_resumes_it(tmp_path, tiny_bert, ray_local):

@@ -97,3 +97,45 @@ def test_a_checkpoint_waits_for_its_report(tmp_path):
     assert store.list_checkpoints("ftjob-1", None, 10)[0] == []  # step 4 is not in metrics.jsonl yet
     runner.ingest(store.get_job("ftjob-1"), finished=True)  # the job ended: record it with what there is
     assert [c["metrics"] for c in store.list_checkpoints("ftjob-1", None, 10)[0]] == [{"step": 4, "train_loss": 0.69}]
+
+
+def test_running_jobs_estimate_their_finish_and_succeeded_ones_report_their_tokens(tmp_path):
+    from cluster.api.protocol import job_object
+
+    store = Store(tmp_path / "db")
+    run_dir = tmp_path / "run"
+    store.add_job(job_row("ftjob-1", status="running") | {"submitted": 1, "run_dir": str(run_dir)})
+    runner = JobRunner(store, tmp_path)
+    reports = [{"step": 2, "loss": 0.7, "total_steps": 10, "trained_tokens": 300, "time": 1000.0},
+               {"step": 4, "loss": 0.6, "total_steps": 10, "trained_tokens": 610, "time": 1010.0}]
+    write_run(run_dir, reports[:1], {})
+    runner.ingest(store.get_job("ftjob-1"))
+    job = job_object(store.get_job("ftjob-1"))
+    assert job["estimated_finish"] is None  # one report gives no pace yet
+    assert job["trained_tokens"] is None  # OpenAI: null until the job has succeeded
+
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(reports[1]) + "\n")
+    runner.ingest(store.get_job("ftjob-1"))
+    # 2 steps in 10 s; 6 steps to go after t=1010: 1010 + 30
+    assert job_object(store.get_job("ftjob-1"))["estimated_finish"] == 1040
+
+    store.update_job("ftjob-1", status="succeeded")
+    done = job_object(store.get_job("ftjob-1"))
+    assert done["trained_tokens"] == 610 and done["estimated_finish"] is None
+
+
+def test_an_older_database_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    from cluster.api.store import SCHEMA
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA.replace(", estimated_finish INTEGER", ""))
+        db.execute("INSERT INTO jobs (id, model, training_file, hyperparameters, seed, status, fine_tuned_model, "
+                   "created_at, ray_job_id, config) VALUES ('ftjob-old', 'm', 'f', '{}', 1, 'running', 'ft:m::x', "
+                   "1, 'r', '{}')")
+    store = Store(path)
+    assert store.get_job("ftjob-old")["estimated_finish"] is None
+    assert store.update_job("ftjob-old", estimated_finish=5) and store.get_job("ftjob-old")["estimated_finish"] == 5
