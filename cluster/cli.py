@@ -47,10 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("evaluate", help="metrics of an exported model on labelled data")
+    p = sub.add_parser("evaluate", help="metrics of an exported model, or of a running deployment, on labelled data")
     _add_common(p)
-    p.add_argument("--model", required=True, help="exported model folder (RUN/model)")
-    p.add_argument("--data", default=None, help="labelled data (default: the config's validation data)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="exported model folder (RUN/model)")
+    which.add_argument("--endpoint", metavar="URL",
+                       help="a running deployment's base URL (what rayfine serve printed): the metrics of its answers")
+    p.add_argument("--api-key", default=None,
+                   help="with --endpoint, when the deployment needs one (default: RAYFINE_API_KEY)")
+    p.add_argument("--data", default=None, help="labelled data (default: the config's test, else validation data)")
     p.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
     p.set_defaults(func=cmd_evaluate)
 
@@ -142,6 +147,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_command
 
     cfg = load_config(args.config, args.overrides)
+    if args.endpoint:
+        from cluster.evaluate_endpoint import endpoint_command, open_endpoint
+
+        endpoint = open_endpoint(cfg, args.endpoint, args.api_key)  # a wrong URL or task fails before Ray starts
+        start_ray(args.address)
+        endpoint_command(cfg, endpoint, data=args.data, output=args.output)
+        return 0
     start_ray(args.address)
     evaluate_command(cfg, Path(args.model), data=args.data, output=args.output)
     return 0

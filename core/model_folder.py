@@ -61,6 +61,14 @@ class ModelInfo(BaseModel):
     max_seq_length: Optional[int] = None
     labels: Optional[list[str]] = None
     rayfine_version: Optional[str] = None
+    # How the model's outputs are read, as its evaluation read them (serving reads them the same way):
+    # token_classification: each word's label is its first sub-token's (pipeline aggregation_strategy "first").
+    aggregation_strategy: Optional[str] = None
+    # question_answering: windows of max_seq_length tokens overlapping by doc_stride; answers of at most
+    # max_answer_length tokens, from the n_best start and end candidates of each window.
+    doc_stride: Optional[int] = None
+    max_answer_length: Optional[int] = None
+    n_best: Optional[int] = None
 
     def save(self, model_dir: Path) -> None:
         (Path(model_dir) / MODEL_INFO).write_text(self.model_dump_json(indent=2, exclude_none=False))

@@ -21,8 +21,8 @@ from serving.model_folder import ModelSpec
 # on 2 CPU cores: ~5.5 ms per call plus ~0.15 ms per (padded) token, so a call costs about 32 tokens.
 # Two length groups are merged when the padding this adds is cheaper than one more call.
 CALL_OVERHEAD_TOKENS = 32
-# Longest answer span considered by /v1/qa, in tokens (the transformers QA pipeline default).
-MAX_ANSWER_TOKENS = 15
+# /v1/qa for a model folder whose rayfine.json does not say how it was evaluated: the data.* defaults of training.
+DEFAULT_DOC_STRIDE, DEFAULT_MAX_ANSWER_TOKENS, DEFAULT_N_BEST = 32, 30, 20
 
 
 @dataclass
@@ -33,7 +33,19 @@ class Encoded:
     type_ids: Optional[list[int]] = None
     offsets: Optional[list[tuple[int, int]]] = None  # character spans; (0, 0) for special tokens
     text: str = ""  # NER: the input text; QA: the context
-    context_mask: Optional[list[bool]] = None  # QA: tokens that belong to the context
+    word_ids: Optional[list[Optional[int]]] = None  # NER: each token's word (the tokenizer's pre-tokenized words)
+    windows: Optional[list["Window"]] = None  # QA: the context's windows, each run as one sequence
+
+
+@dataclass
+class Window:
+    """One QA window: ``ids`` as Encoded's, and each token's character span in the context (-1: not context)."""
+
+    ids: list[int]
+    type_ids: Optional[list[int]]
+    offset_start: list[int]
+    offset_end: list[int]
+    cls_index: int
 
 
 def plan_buckets(lengths: list[int], overhead: int = CALL_OVERHEAD_TOKENS) -> list[list[int]]:
@@ -143,7 +155,11 @@ class Classifier:
 
 
 class Tagger:
-    """``/v1/ner``: entities grouped like the transformers pipeline's ``aggregation_strategy="simple"``."""
+    """``/v1/ner``: one label per word, its first sub-token's, as training labels words and evaluation scores them
+    (the other sub-tokens are ignored by the loss, so their predictions are untrained); then B-/I- grouping of
+    words into entities, with character offsets into the text and the mean of the words' scores. The transformers
+    pipeline's ``aggregation_strategy="first"`` reads a model the same way. Words are the tokenizer's pre-tokenized
+    words (whitespace and punctuation split)."""
 
     def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool):
         from transformers import AutoModelForTokenClassification
@@ -157,7 +173,7 @@ class Tagger:
         enc = self.runner.tokenizer(text, return_offsets_mapping=True)
         _check_length(len(enc["input_ids"]), self.limit, "input")
         return Encoded(ids=enc["input_ids"], type_ids=enc.get("token_type_ids"),
-                       offsets=[tuple(o) for o in enc["offset_mapping"]], text=text)
+                       offsets=[tuple(o) for o in enc["offset_mapping"]], text=text, word_ids=enc.word_ids())
 
     def predict(self, items: list[Encoded]) -> list[list[dict[str, Any]]]:
         return [self._entities(item, out["logits"]) for item, out in zip(items, self.runner.forward(items))]
@@ -165,15 +181,21 @@ class Tagger:
     def _entities(self, item: Encoded, logits: torch.Tensor) -> list[dict[str, Any]]:
         probs = torch.softmax(logits, dim=-1)
         scores, best = probs.max(dim=-1)
-        tokens = [(self.labels[int(b)], float(s), start, end)
-                  for b, s, (start, end) in zip(best, scores, item.offsets) if end > start]
-        groups: list[list[tuple]] = []
-        for token in tokens:
-            bi, tag = _split_tag(token[0])
-            if groups and bi != "B" and _split_tag(groups[-1][-1][0])[1] == tag:
-                groups[-1].append(token)
+        words: dict[int, list] = {}  # word -> [label, score, start, end]: label and score of its first sub-token
+        for pos, (word, (start, end)) in enumerate(zip(item.word_ids, item.offsets)):
+            if word is None or end <= start:
+                continue
+            if word not in words:
+                words[word] = [self.labels[int(best[pos])], float(scores[pos]), start, end]
             else:
-                groups.append([token])
+                words[word][3] = end
+        groups: list[list[list]] = []
+        for word in sorted(words):
+            bi, tag = _split_tag(words[word][0])
+            if groups and bi != "B" and _split_tag(groups[-1][-1][0])[1] == tag:
+                groups[-1].append(words[word])
+            else:
+                groups.append([words[word]])
         entities = []
         for group in groups:
             tag = _split_tag(group[0][0])[1]
@@ -181,7 +203,7 @@ class Tagger:
                 continue
             start, end = group[0][2], group[-1][3]
             entities.append({"entity": tag, "word": item.text[start:end], "start": start, "end": end,
-                             "score": sum(t[1] for t in group) / len(group)})
+                             "score": sum(w[1] for w in group) / len(group)})
         return entities
 
 
@@ -193,37 +215,76 @@ def _split_tag(label: str) -> tuple[str, str]:
 
 
 class Reader:
-    """``/v1/qa``: the best answer span in the context, with character offsets into the context."""
+    """``/v1/qa``: the best answer span in the context, with character offsets into the context.
+
+    A context longer than the model's ``max_seq_length`` is read in windows overlapping by ``doc_stride`` tokens,
+    and each window decoded by ``core.qa_spans.best_spans`` (``n_best``, ``max_answer_length``): the windows and
+    the rule of the model's evaluation (rayfine.json), so that the endpoint answers what evaluation scored. The
+    best span of all windows wins; its score is the probability of its start times that of its end, in its window.
+    """
 
     def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool):
         from transformers import AutoModelForQuestionAnswering
 
         self.runner = EncoderRunner(spec, AutoModelForQuestionAnswering, device, trust_remote_code)
-        self.limit = min(max_input_tokens, self.runner.max_positions())
+        self.limit = max_input_tokens  # the whole question + context, before windowing
+        self.window = min(spec.max_seq_length or 10**9, self.runner.max_positions(), max_input_tokens)
+        # a model's own stride as evaluated; else the default, kept under a quarter of the window
+        self.stride = spec.doc_stride if spec.doc_stride is not None else min(DEFAULT_DOC_STRIDE,
+                                                                              max(self.window // 4, 1))
+        self.max_answer = spec.max_answer_length or DEFAULT_MAX_ANSWER_TOKENS
+        self.n_best = spec.n_best or DEFAULT_N_BEST
 
     def encode(self, question: str, context: str) -> Encoded:
-        enc = self.runner.tokenizer(question, context, return_offsets_mapping=True)
-        _check_length(len(enc["input_ids"]), self.limit, "context")
-        sequence_ids = enc.sequence_ids()
-        return Encoded(ids=enc["input_ids"], type_ids=enc.get("token_type_ids"),
-                       offsets=[tuple(o) for o in enc["offset_mapping"]], text=context,
-                       context_mask=[s == 1 for s in sequence_ids])
+        tokenizer = self.runner.tokenizer
+        n_question = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+        _check_length(n_question + len(tokenizer(context, add_special_tokens=False)["input_ids"]) + 3,
+                      self.limit, "context")
+        room = self.window - n_question - 3  # context tokens per window
+        if room <= self.stride:
+            raise input_too_long(n_question, max(self.window - self.stride - 4, 1), "question")
+        enc = tokenizer(question, context, truncation="only_second", max_length=self.window, stride=self.stride,
+                        return_overflowing_tokens=True, return_offsets_mapping=True)
+        windows = []
+        for w, ids in enumerate(enc["input_ids"]):
+            seq, offsets = enc.sequence_ids(w), enc["offset_mapping"][w]
+            cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+            windows.append(Window(ids=ids, type_ids=enc["token_type_ids"][w] if "token_type_ids" in enc else None,
+                                  offset_start=[o[0] if s == 1 else -1 for o, s in zip(offsets, seq)],
+                                  offset_end=[o[1] if s == 1 else -1 for o, s in zip(offsets, seq)],
+                                  cls_index=cls))
+        return Encoded(ids=[i for w in windows for i in w.ids], text=context, windows=windows)
 
     def predict(self, items: list[Encoded]) -> list[dict[str, Any]]:
-        return [self._answer(item, out["start_logits"], out["end_logits"])
-                for item, out in zip(items, self.runner.forward(items))]
+        flat = [Encoded(ids=w.ids, type_ids=w.type_ids) for item in items for w in item.windows]
+        outputs = iter(self.runner.forward(flat))
+        return [self._answer(item, [next(outputs) for _ in item.windows]) for item in items]
 
-    def _answer(self, item: Encoded, start_logits: torch.Tensor, end_logits: torch.Tensor) -> dict[str, Any]:
-        outside = ~torch.tensor(item.context_mask)
-        start_p = torch.softmax(start_logits.masked_fill(outside, -1e9), dim=-1)
-        end_p = torch.softmax(end_logits.masked_fill(outside, -1e9), dim=-1)
-        # Score every (start, end) pair with start <= end < start + MAX_ANSWER_TOKENS.
-        pairs = torch.triu(torch.outer(start_p, end_p))
-        pairs = torch.tril(pairs, diagonal=MAX_ANSWER_TOKENS - 1)
-        flat = int(torch.argmax(pairs))
-        s, e = divmod(flat, pairs.shape[1])
-        start, end = item.offsets[s][0], item.offsets[e][1]
-        return {"answer": item.text[start:end], "start": start, "end": end, "score": float(pairs[s, e])}
+    def _answer(self, item: Encoded, outputs: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        import numpy as np
+
+        from core.qa_spans import best_spans
+
+        best = None  # (score, start, end, probability)
+        for window, out in zip(item.windows, outputs):
+            start_logits, end_logits = out["start_logits"].numpy(), out["end_logits"].numpy()
+            _, spans = best_spans(start_logits, end_logits, np.asarray(window.offset_start),
+                                  np.asarray(window.offset_end), self.n_best, self.max_answer, window.cls_index)
+            if spans and (best is None or spans[0][0] > best[0]):
+                context = np.asarray(window.offset_start) >= 0
+                norm = _logsumexp(start_logits[context]) + _logsumexp(end_logits[context])
+                best = (*spans[0], float(np.exp(spans[0][0] - norm)))
+        if best is None:
+            return {"answer": "", "start": 0, "end": 0, "score": 0.0}
+        _, start, end, probability = best
+        return {"answer": item.text[start:end], "start": start, "end": end, "score": probability}
+
+
+def _logsumexp(values) -> float:
+    import numpy as np
+
+    top = float(np.max(values))
+    return top + float(np.log(np.sum(np.exp(values - top))))
 
 
 ENCODER_TASKS = {

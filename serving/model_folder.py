@@ -44,6 +44,10 @@ class ModelSpec:
     labels: list[str] = field(default_factory=list)
     max_seq_length: Optional[int] = None
     adapter: bool = False  # a LoRA adapter folder rather than full weights
+    # QA windows and span limits as the model was evaluated (rayfine.json); None = serving's defaults
+    doc_stride: Optional[int] = None
+    max_answer_length: Optional[int] = None
+    n_best: Optional[int] = None
 
     def load_kwargs(self) -> dict:
         """Extra ``from_pretrained`` arguments: an adapter folder has no config.json to carry the labels."""
@@ -82,6 +86,9 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
         labels=[str(label) for label in labels],
         max_seq_length=meta.max_seq_length,
         adapter=adapter is not None,
+        doc_stride=meta.doc_stride,
+        max_answer_length=meta.max_answer_length,
+        n_best=meta.n_best,
     )
 
 

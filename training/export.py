@@ -15,7 +15,9 @@ _USAGE = {
                                 'clf = pipeline("text-classification", model="{path}")\n'
                                 'print(clf("I loved it"))'),
     "token_classification": ('from transformers import pipeline\n'
-                             'ner = pipeline("token-classification", model="{path}", aggregation_strategy="simple")\n'
+                             '# "first": a word takes its first sub-token\'s label, as training labelled and evaluation\n'
+                             '# scored words (the other sub-tokens are not trained; "simple" would let them split words)\n'
+                             'ner = pipeline("token-classification", model="{path}", aggregation_strategy="first")\n'
                              'print(ner("Ada Lovelace was born in London"))'),
     # transformers 5 removed pipeline("question-answering"): the span decoding it did, in plain code.
     "question_answering": ('import torch\n'

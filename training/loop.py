@@ -372,9 +372,14 @@ class Worker:
         else:
             module.save_pretrained(out_dir, state_dict=state_dict)
             self.tokenizer.save_pretrained(out_dir)
+        d = self.cfg.data
+        qa = self.cfg.task == "question_answering"
         ModelInfo(task=self.cfg.task, model_id=self.cfg.output.model_id or self.cfg.output.name,
-                  base_model=self.cfg.model.name_or_path, max_seq_length=self.cfg.data.max_seq_length,
-                  labels=self.labels.names if self.labels else None, rayfine_version=__version__).save(out_dir)
+                  base_model=self.cfg.model.name_or_path, max_seq_length=d.max_seq_length,
+                  labels=self.labels.names if self.labels else None, rayfine_version=__version__,
+                  aggregation_strategy="first" if self.cfg.task == "token_classification" else None,
+                  doc_stride=d.doc_stride if qa else None, max_answer_length=d.max_answer_length if qa else None,
+                  n_best=d.n_best if qa else None).save(out_dir)
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from core.config import load_config
@@ -28,3 +29,33 @@ def classification_config(tmp_path: Path, model: Path, n_train: int = 320, n_val
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@contextmanager
+def served(model_dir: Path, name: str, **serve):
+    """``model_dir`` deployed on the session's Ray as app ``name`` (route ``/name``); yields its base URL, then
+    removes the app (Serve itself stays up for the next one)."""
+    from ray import serve as ray_serve
+
+    from core.config import ServeConfig
+    from serving.deploy import deploy
+    from tests.serve_fixtures import SERVE_PROXY, free_port
+
+    cfg = ServeConfig(route_prefix=f"/{name}", port=free_port(), cpus_per_replica=0.5, threads_per_replica=1,
+                      proxy=SERVE_PROXY, **serve)
+    url = deploy(model_dir, cfg, name=name)
+    try:
+        yield url
+    finally:
+        ray_serve.delete(name)
+
+
+def evaluate_endpoint_cli(cfg, url: str, tmp_path: Path) -> dict:
+    """``rayfine evaluate CONFIG --endpoint URL --output FILE``, in-process; returns the metrics it wrote."""
+    from cluster.cli import main
+    from core.config import dump_config
+
+    config, out = tmp_path / "endpoint-eval.yaml", tmp_path / "endpoint-metrics.json"
+    config.write_text(dump_config(cfg))
+    assert main(["evaluate", str(config), "--endpoint", url, "--output", str(out)]) == 0
+    return json.loads(out.read_text())

@@ -10,7 +10,7 @@ import torch
 
 from core.config import load_config
 from tests.conftest import chat_rows, write_jsonl
-from tests.integration.helpers import read_metrics
+from tests.integration.helpers import read_metrics, served
 from training.driver import train
 
 pytestmark = pytest.mark.integration
@@ -61,6 +61,15 @@ def test_full_sft_packed_zero2_survives_a_worker_failure(tmp_path, tiny_llama, r
     assert out.shape[1] > ids.shape[1]
     samples = [json.loads(x) for x in (result.run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all("generated" in s and s["messages"] for s in samples)
+    # What is served is what was evaluated: greedy answers of the deployment equal the run's samples.
+    import httpx
+
+    with served(result.model_dir, "parity-lm", max_new_tokens=32) as url:
+        for sample in samples:
+            response = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "messages": sample["messages"], "temperature": 0, "max_tokens": 32})
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["message"]["content"] == sample["generated"]
 
 
 def test_lora_zero3_exports_adapter_and_merged_model(tmp_path, tiny_llama, ray_local):

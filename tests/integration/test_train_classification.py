@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.helpers import read_metrics
+from tests.integration.helpers import evaluate_endpoint_cli, read_metrics, served
 from training.evaluate import evaluate_model
 
 pytestmark = pytest.mark.integration
@@ -72,6 +72,18 @@ def test_evaluation_of_the_export_matches_the_run(trained_classifier, tmp_path, 
     assert main(["evaluate", str(config), "--model", str(result.model_dir), "--output", str(out)]) == 0
     assert "accuracy" in capsys.readouterr().out
     assert json.loads(out.read_text())["accuracy"] == pytest.approx(evaluation["accuracy"])
+
+
+def test_the_served_model_scores_what_evaluation_scored(trained_classifier, tmp_path, ray_local):
+    """`rayfine evaluate --endpoint`: the metrics of /v1/classify's answers over the validation file equal the
+    ones in eval.json (the plain-transformers pipeline's are checked above)."""
+    cfg, result = trained_classifier
+    evaluation = json.loads((result.run_dir / "eval.json").read_text())["validation"]
+    with served(result.model_dir, "parity-cls") as url:
+        served_metrics = evaluate_endpoint_cli(cfg, url, tmp_path)
+    assert served_metrics["accuracy"] == pytest.approx(evaluation["accuracy"], abs=0.01)
+    assert served_metrics["f1"] == pytest.approx(evaluation["f1"], abs=0.01)
+    assert served_metrics["per_class"].keys() == evaluation["per_class"].keys()
 
 
 def test_a_second_run_with_the_same_name_never_overwrites_a_finished_one(trained_classifier, ray_local):

@@ -17,7 +17,7 @@ import pytest
 
 from core.config import load_config
 from tests.conftest import write_jsonl
-from tests.integration.helpers import read_metrics
+from tests.integration.helpers import evaluate_endpoint_cli, read_metrics, served
 from training.driver import train
 from training.evaluate import evaluate_model
 
@@ -131,14 +131,29 @@ def test_token_classification_trains_exports_and_tags(tmp_path, tiny_bert, ray_l
 
     labels = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
     assert json.loads((result.model_dir / "rayfine.json").read_text())["labels"] == labels
+    assert json.loads((result.model_dir / "rayfine.json").read_text())["aggregation_strategy"] == "first"
     from transformers import AutoConfig, pipeline
 
     assert AutoConfig.from_pretrained(result.model_dir).id2label == dict(enumerate(labels))
-    ner = pipeline("token-classification", model=str(result.model_dir), aggregation_strategy="simple")
-    entities = ner("Grace lives in Oslo")
-    assert entities and {"entity_group", "word", "start", "end", "score"} <= set(entities[0])
-    assert {e["entity_group"] for e in entities} <= {"PER", "LOC"}
+    assert 'aggregation_strategy="first"' in (result.model_dir / "README.md").read_text()
     assert "entity_group" in run_model_card_snippet(result.model_dir, capsys)
+
+    # What is served is what was evaluated: the model card's pipeline and /v1/ner (through `rayfine evaluate
+    # --endpoint`) score the validation file as eval.json does.
+    from cluster.evaluate_endpoint import word_tags
+    from training.span_metrics import entity_metrics
+
+    val_rows = ner_rows(40, seed=2)
+    ner = pipeline("token-classification", model=str(result.model_dir), aggregation_strategy="first")
+    answers = ner([" ".join(r["tokens"]) for r in val_rows])
+    predicted = [word_tags(r["tokens"], [{**e, "entity": e["entity_group"]} for e in entities])
+                 for r, entities in zip(val_rows, answers)]
+    pipeline_metrics = entity_metrics([r["tags"] for r in val_rows], predicted)
+    assert pipeline_metrics["f1"] == pytest.approx(evaluation["f1"], abs=0.01)
+    with served(result.model_dir, "parity-ner") as url:
+        served_metrics = evaluate_endpoint_cli(cfg, url, tmp_path)
+    for key in ("f1", "precision", "recall"):
+        assert served_metrics[key] == pytest.approx(evaluation[key], abs=0.01), key
 
     again = evaluate_model(cfg, result.model_dir)
     for key in ("f1", "precision", "recall", "accuracy"):
@@ -179,6 +194,12 @@ def test_question_answering_trains_on_windows_exports_and_answers(tmp_path, tiny
     answer = answer_with_plain_transformers(result.model_dir, "Where was Grace born?", context)
     assert answer and answer in context
     assert run_model_card_snippet(result.model_dir, capsys).strip() in "Ada was born in London."
+    info = json.loads((result.model_dir / "rayfine.json").read_text())
+    assert (info["doc_stride"], info["max_answer_length"], info["n_best"]) == (12, 30, 20)
+    with served(result.model_dir, "parity-qa") as url:  # /v1/qa reads contexts in the training windows
+        served_metrics = evaluate_endpoint_cli(cfg, url, tmp_path)
+    assert served_metrics["exact_match"] == pytest.approx(evaluation["exact_match"], abs=0.01)
+    assert served_metrics["f1"] == pytest.approx(evaluation["f1"], abs=0.01)
     from transformers.pipelines import get_supported_tasks
 
     if "question-answering" in get_supported_tasks():  # transformers 5 removed this pipeline

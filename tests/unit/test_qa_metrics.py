@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from training.span_metrics import exact_match, normalize_answer, squad_metrics, token_f1
-from training.tasks.question_answering import best_spans, predict_answers
+from core.qa_spans import best_spans
+from training.tasks.question_answering import predict_answers
 
 
 def test_squad_normalization():

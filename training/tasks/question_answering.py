@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import UserError
+from core.qa_spans import best_spans
 from training.span_metrics import squad_metrics
 from training.tasks.base import LabelSpace, ParseError, TaskAdapter, padded_inputs, text_field
 
@@ -66,26 +67,6 @@ def answer_token_span(offsets: list[tuple[int, int]], sequence_ids: list[int | N
     start = next(i for i in context if offsets[i][1] > start_char)
     end = next(i for i in reversed(context) if offsets[i][0] < end_char)
     return start, end
-
-
-def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, offset_start: np.ndarray,
-               offset_end: np.ndarray, n_best: int, max_answer_tokens: int, cls_index: int = 0
-               ) -> tuple[float, list[tuple[float, int, int]]]:
-    """The null (CLS) score and the ``n_best`` best spans ``(score, start_char, end_char)`` of one window.
-
-    Candidates are the ``n_best`` highest start and end logits among context tokens (``offset_start >= 0``);
-    a span is valid when it ends at or after its start and is at most ``max_answer_tokens`` long. The score
-    of a span is its start logit plus its end logit, as in the reference SQuAD post-processing.
-    """
-    n = len(offset_start)
-    start_logits, end_logits = np.asarray(start_logits[:n], float), np.asarray(end_logits[:n], float)
-    valid = np.flatnonzero(np.asarray(offset_start) >= 0)
-    starts = valid[np.argsort(-start_logits[valid], kind="stable")[:n_best]]
-    ends = valid[np.argsort(-end_logits[valid], kind="stable")[:n_best]]
-    spans = [(float(start_logits[s] + end_logits[e]), int(offset_start[s]), int(offset_end[e]))
-             for s in starts for e in ends if s <= e < s + max_answer_tokens]
-    spans.sort(key=lambda span: -span[0])
-    return float(start_logits[cls_index] + end_logits[cls_index]), spans[:n_best]
 
 
 class QuestionAnswering(TaskAdapter):
