@@ -18,6 +18,7 @@ import time
 from typing import Callable, Optional
 
 from cluster.ingress import use_ingress
+from core import timings
 from core.ray_connect import connect, is_local
 from core.ray_private import PROXY_CALLBACK_ENV, RAYLET_PID_ENV
 from serving.errors import PROXY_CALLBACK
@@ -49,7 +50,9 @@ def start_ray(address: Optional[str] = None, *, num_workers: int = 1, serve_prox
     global _started_local
     prepare_ray_env(serve_proxy, address)
     starts_local = not ray.is_initialized() and is_local(address)
+    timings.mark("imports, config")
     where = connect(address, num_workers=num_workers)
+    timings.mark("Ray start or connect")
     _started_local = _started_local or starts_local
     return where
 

@@ -120,7 +120,7 @@ def stopping_cleanly() -> Iterator[Stop]:
     except KeyboardInterrupt:
         print("stopping", flush=True)
         stop.code = 0 if stop.serving else 130
-        stop_serving()
+        stop_serving(stop.code)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -133,9 +133,10 @@ def wait_for_stop(stop: Stop, hint: str) -> None:
         time.sleep(3600)
 
 
-def stop_serving() -> None:
+def stop_serving(exit_code: int = 0) -> None:
     """Remove the apps this process deployed (and stop Serve when none is left); for a local instance also
-    stop Ray and what it left. A second Ctrl-C skips the wait for Serve."""
+    stop Ray and what it left. A second Ctrl-C skips the wait for Serve. When Ray's processes were gone, the
+    process ends here with ``exit_code`` (Ray's exit handler would hang on them)."""
     from serving.deploy import shutdown
 
     local = started_local_instance()
@@ -152,7 +153,7 @@ def stop_serving() -> None:
         # Ray's own shutdown, which would run again at exit, hangs on an instance that is gone; all of it stopped.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(exit_code)
 
 
 def deploy_and_check(model_dir: Path, cfg: ServeConfig, *, trust_remote_code: bool, address: str | None) -> str:

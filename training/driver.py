@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
+from core import timings
 from core.config import RunConfig, dump_config
 from core.errors import UserError
 from core.run_folder import CHECKPOINTS, RunFolder
@@ -176,6 +177,7 @@ def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callba
     from ray.train.torch import TorchConfig, TorchTrainer
 
     datasets = build_datasets(cfg, labels, summary)
+    timings.mark("datasets: tokenize, materialize small splits")
     train_options = DataConfig.default_ingest_options()
     train_options.preserve_order = True  # same order after a restart, so the skipped batches are the seen ones
     resources = cfg.scaling.resources_per_worker or ({"CPU": 1, "GPU": 1} if plan.use_gpu else {"CPU": 1})
@@ -217,6 +219,7 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     labels = summary.labels
     use_gpu = resolve_use_gpu(cfg)
     num_params = count_parameters(cfg, len(labels.names) if labels else None)
+    timings.mark("parameter count (model built on the meta device)")
     # Rows, not records: a QA record becomes one row per window of its context.
     plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu, num_params,
                            packed_sequences=estimate_packed_sequences(cfg, summary))
@@ -233,6 +236,22 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     finally:
         if printer:
             printer.stop()
+
+
+def _worker_startup(run_dir: Path, offset: int = 0) -> dict[str, float]:
+    """Rank 0's start-up timestamps, from the first metrics.jsonl record after byte ``offset`` that carries them
+    (this command's run: a resumed run folder holds earlier ones)."""
+    try:
+        with open(RunFolder(run_dir).metrics, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode().splitlines()
+        for line in lines:
+            record = json.loads(line)
+            if isinstance(record.get("startup"), dict):
+                return record["startup"]
+    except (OSError, ValueError):
+        pass
+    return {}
 
 
 def estimate_packed_sequences(cfg: RunConfig, summary) -> int | None:
@@ -279,6 +298,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     logger.info("Checking the data ...")
     summary = summarize_data(cfg)  # before the run folder exists: bad data leaves nothing behind
+    timings.mark("pre-flight data pass")
     logger.info("  records: " + ", ".join(f"{k} {v:,}" for k, v in summary.counts.items()))
     if any(summary.rows(k) != v for k, v in summary.counts.items()):
         logger.info("  rows after tokenization: " + ", ".join(f"{k} {summary.rows(k):,}" for k in summary.counts))
@@ -286,7 +306,12 @@ def train(cfg: RunConfig) -> TrainResult:
     logger.info(("Resuming" if resume else "Starting") + f" run in {run_dir}")
     RunFolder(run_dir).config.write_text(dump_config(cfg))
     started = time.time()
+    timings.mark("run folder")
+    metrics_before = RunFolder(run_dir).metrics.stat().st_size if RunFolder(run_dir).metrics.exists() else 0
     result, plan = fit_run(cfg, summary, run_dir)
+    if timings.enabled():
+        logger.info(timings.startup_table(_worker_startup(run_dir, metrics_before)))
+        timings.reset()
     logger.info(f"Training finished in {time.time() - started:.0f}s ({plan.total_steps} steps, "
                 f"{cfg.scaling.num_workers} workers, ZeRO-{plan.zero_stage}).")
     done = finalize_run(cfg, run_dir, result)

@@ -213,6 +213,8 @@ class Worker:
         self.window_start = time.perf_counter()
         self.window_samples = 0
         self.window_tokens = 0
+        self.startup: dict[str, float] = {}
+        self.startup_sent = False
 
     # ---- engine ---------------------------------------------------------------------------------
     def build_engine(self):
@@ -271,6 +273,10 @@ class Worker:
     def save_and_report(self, metrics: dict, checkpoint: bool):
         import ray.train
         from ray.train import Checkpoint
+
+        if self.startup and not self.startup_sent:  # rank 0's start-up timestamps, once (RAYFINE_TIMINGS)
+            metrics = {**metrics, "startup": self.startup}
+            self.startup_sent = True
 
         if not checkpoint:
             ray.train.report(metrics)
@@ -389,8 +395,10 @@ def train_loop_per_worker(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if plan.use_gpu else "cpu")
     import ray.train
 
+    started = time.time()
     w = Worker(cfg, plan, config["labels"])
     w.build_engine()
+    w.startup = {"worker_start": started, "engine_built": time.time()}  # sent with the first report
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and w.restore(checkpoint):
         return  # finished before a driver restart; the final checkpoint already holds the model
@@ -402,6 +410,7 @@ def train_loop_per_worker(config: dict) -> None:
         epoch, micro = s.epoch, 0
         batches = iter_train_batches(shard, cfg, epoch, w.pad_id, w.shape.micro_batch_per_worker)
         for batch in (synchronized(batches, w.device) if plan.packed else batches):
+            w.startup.setdefault("first_batch", time.time())
             if micro < s.micro_in_epoch:  # resuming mid-epoch: skip what the checkpoint already covers
                 micro += 1
                 continue
@@ -425,6 +434,7 @@ def train_loop_per_worker(config: dict) -> None:
                 s.epoch, s.micro_in_epoch = epoch + 1, 0
             if boundary:
                 s.global_step += 1
+                w.startup.setdefault("first_step", time.time())
                 if t.inject_failure_at_step == s.global_step and not resumed and w.rank == 0:
                     raise RuntimeError(f"injected failure at step {s.global_step} "
                                        "(training.inject_failure_at_step)")

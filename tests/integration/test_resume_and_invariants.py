@@ -7,6 +7,7 @@ classification run (``trained_classifier``, which fails once at step 10).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_worker_failure_restarts_from_checkpoint_and_finishes(trained_classifier
     assert counts == sorted(counts) and counts[-1] == cfg.training.epochs * sum(len(ids) for ids in lengths)
 
 
-def test_rerunning_an_interrupted_run_resumes_it(tmp_path, tiny_bert, ray_local):
+def test_rerunning_an_interrupted_run_resumes_it(tmp_path, tiny_bert, ray_local, monkeypatch, caplog):
     sections = dict(n_train=64, training={"epochs": 1, "checkpoint_every_steps": 2, "log_every_steps": 1})
     failing = classification_config(tmp_path, tiny_bert, **{**sections, "training": {
         **sections["training"], "inject_failure_at_step": 3}})
@@ -55,8 +56,18 @@ def test_rerunning_an_interrupted_run_resumes_it(tmp_path, tiny_bert, ray_local)
     assert not (run_dir / "model").exists() and not (run_dir / "eval.json").exists()
     assert list((run_dir / "checkpoints").glob("checkpoint_*"))
 
-    result = train(classification_config(tmp_path, tiny_bert, **sections))
+    monkeypatch.setenv("RAYFINE_TIMINGS", "1")  # the second run also reports its start-up phases
+    with caplog.at_level(logging.INFO, logger="training.driver"):
+        result = train(classification_config(tmp_path, tiny_bert, **sections))
     assert result.run_dir == run_dir
+    table = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Start-up (RAYFINE_TIMINGS=1)"))
+    phases = [line[:57].strip() for line in table.splitlines()[2:]]
+    assert phases == ["pre-flight data pass", "run folder", "parameter count (model built on the meta device)",
+                      "datasets: tokenize, materialize small splits",
+                      "Train controller, worker group, torch process group", "model load + DeepSpeed engine",
+                      "first batch from Ray Data", "first optimizer step"], table
+    took = [float(line[57:64]) for line in table.splitlines()[2:]]
+    assert all(t >= 0 for t in took), table
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
     first_run, second_run = steps[:2], steps[2:]
     assert first_run == [1, 2]
