@@ -14,6 +14,7 @@ import math
 import shutil
 import threading
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,10 +208,11 @@ def _root_cause(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
-def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool = True):
+def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool = True, parameter_count=None):
     """Build and fit the trainer; returns Ray's Result. Raises UserError on a failed run.
 
-    ``progress=False`` skips the per-report lines (a Tune trial's driver prints nowhere a user looks)."""
+    ``progress=False`` skips the per-report lines (a Tune trial's driver prints nowhere a user looks).
+    ``parameter_count``: ``preflight.start_parameter_count``'s answer, when the count was started earlier."""
     import ray
     import ray.train
 
@@ -218,7 +220,7 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
 
     labels = summary.labels
     use_gpu = resolve_use_gpu(cfg)
-    num_params = count_parameters(cfg, len(labels.names) if labels else None)
+    num_params = (parameter_count or partial(count_parameters, cfg))(len(labels.names) if labels else None)
     timings.mark("parameter count (model built on the meta device)")
     # Rows, not records: a QA record becomes one row per window of its context.
     plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu, num_params,
@@ -294,8 +296,9 @@ def finalize_run(cfg: RunConfig, run_dir: Path, result) -> TrainResult:
 def train(cfg: RunConfig) -> TrainResult:
     """``rayfine train``: check the data, train, export; logs progress and the evaluation table."""
     from training.evaluate import format_metrics_table
-    from training.preflight import summarize_data
+    from training.preflight import start_parameter_count, summarize_data
 
+    parameter_count = start_parameter_count(cfg)  # in a thread, while the data pass runs in Ray
     logger.info("Checking the data ...")
     summary = summarize_data(cfg)  # before the run folder exists: bad data leaves nothing behind
     timings.mark("pre-flight data pass")
@@ -308,7 +311,7 @@ def train(cfg: RunConfig) -> TrainResult:
     started = time.time()
     timings.mark("run folder")
     metrics_before = RunFolder(run_dir).metrics.stat().st_size if RunFolder(run_dir).metrics.exists() else 0
-    result, plan = fit_run(cfg, summary, run_dir)
+    result, plan = fit_run(cfg, summary, run_dir, parameter_count=parameter_count)
     if timings.enabled():
         logger.info(timings.startup_table(_worker_startup(run_dir, metrics_before)))
         timings.reset()

@@ -11,6 +11,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
@@ -190,6 +191,39 @@ def count_parameters(cfg: RunConfig, num_labels: int | None) -> int:
     with torch.device("meta"):
         model = getattr(transformers, adapter.auto_model).from_config(model_config)
     return sum(p.numel() for p in model.parameters())
+
+
+def start_parameter_count(cfg: RunConfig) -> Callable[[int | None], int]:
+    """Count the parameters in a background thread (importing the model's code and building it on the meta
+    device takes seconds) while the pre-flight data pass runs in Ray; returns ``count(num_labels)``, which waits
+    for it. The label count is not known yet: a task head is linear in it, so the counts with 1 and 2 labels give
+    every other exactly."""
+    import threading
+
+    from training.tasks import get_adapter
+
+    labelled = get_adapter(cfg).has_labels
+    found: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            found["counts"] = {n: count_parameters(cfg, n) for n in ((1, 2) if labelled else (None,))}
+        except BaseException as exc:  # noqa: BLE001 - raised again by count()
+            found["error"] = exc
+
+    thread = threading.Thread(target=work, name="rayfine-parameter-count", daemon=True)
+    thread.start()
+
+    def count(num_labels: int | None) -> int:
+        thread.join()
+        if "error" in found:
+            raise found["error"]
+        counts = found["counts"]
+        if None in counts:
+            return counts[None]
+        return counts[1] + (max(num_labels or 1, 1) - 1) * (counts[2] - counts[1])
+
+    return count
 
 
 def _fmt_bytes(n: float) -> str:
