@@ -79,13 +79,33 @@ def within(deadline_s: float, fn: Callable[[], object], give_up: Callable[[], bo
     return not thread.is_alive()
 
 
-def raylet_gone(raylet_pids: list[int]) -> bool:
-    """Whether the local instance's raylet has died (e.g. signalled with this process's group)."""
+def group_members() -> list:
+    """The local instance's processes in this process's group (its daemons and agents; Ray's workers have groups
+    of their own): a signal sent to the whole group reached them too."""
     import psutil
 
-    for pid in raylet_pids:
+    try:
+        group = os.getpgid(0)
+        members = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if os.getpgid(child.pid) == group:
+                    members.append(child)
+            except (OSError, psutil.Error):
+                continue
+        return members
+    except (OSError, psutil.Error):
+        return []
+
+
+def signalled_with_us(members: list) -> bool:
+    """Whether one of ``members`` has exited: the signal that stops this process went to its whole group (a
+    supervisor's SIGTERM), so Ray itself is going away and waiting for Serve is pointless."""
+    import psutil
+
+    for proc in members:
         try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
                 continue
         except psutil.Error:
             pass

@@ -23,7 +23,8 @@ from pydantic import ValidationError
 from cluster.ingress import LABELS, active_ingress, check_ingress
 from cluster.ray_start import (
     local_raylet_pids,
-    raylet_gone,
+    group_members,
+    signalled_with_us,
     start_ray,
     started_local_instance,
     stop_local_ray,
@@ -141,9 +142,10 @@ def stop_serving(exit_code: int = 0) -> None:
 
     local = started_local_instance()
     raylets = local_raylet_pids()  # now: once the raylet is reaped its pid says nothing
+    members = group_members() if local else []
     answered = False
     try:
-        answered = within(SERVE_SHUTDOWN_DEADLINE_S, shutdown, give_up=lambda: raylet_gone(raylets))
+        answered = within(SERVE_SHUTDOWN_DEADLINE_S, shutdown, give_up=lambda: signalled_with_us(members))
         if not answered:
             logger.warning("Ray's processes were stopped along with this one (or Serve did not stop within "
                            "%.0fs): stopping what is left of them", SERVE_SHUTDOWN_DEADLINE_S)
