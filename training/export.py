@@ -19,20 +19,42 @@ _USAGE = {
                              '# scored words (the other sub-tokens are not trained; "simple" would let them split words)\n'
                              'ner = pipeline("token-classification", model="{path}", aggregation_strategy="first")\n'
                              'print(ner("Ada Lovelace was born in London"))'),
-    # transformers 5 removed pipeline("question-answering"): the span decoding it did, in plain code.
+    # transformers 5 removed pipeline("question-answering"): the decoding of the model's evaluation, in plain code.
     "question_answering": ('import torch\n'
                            'from transformers import AutoModelForQuestionAnswering, AutoTokenizer\n'
                            'tok = AutoTokenizer.from_pretrained("{path}")\n'
-                           'model = AutoModelForQuestionAnswering.from_pretrained("{path}")\n'
-                           'question, context = "Where was Ada born?", "Ada was born in London."\n'
-                           'enc = tok(question, context, return_offsets_mapping=True, return_tensors="pt")\n'
-                           'offsets = enc.pop("offset_mapping")[0]\n'
-                           'outside = torch.tensor([s != 1 for s in enc.sequence_ids(0)])\n'
-                           'with torch.no_grad():\n'
-                           '    out = model(**enc)\n'
-                           'start = int(out.start_logits[0].masked_fill(outside, -1e9).argmax())\n'
-                           'end = start + int(out.end_logits[0, start:start + 30].argmax())\n'
-                           'print(context[offsets[start][0]:offsets[end][1]])'),
+                           'model = AutoModelForQuestionAnswering.from_pretrained("{path}").eval()\n'
+                           '\n'
+                           '\n'
+                           'def answer(question, context, max_length={max_seq_length}, stride={doc_stride}, '
+                           'n_best={n_best}, max_answer={max_answer_length}):\n'
+                           '    # As the evaluation decoded: windows of max_length tokens overlapping by stride; in '
+                           'each, the\n'
+                           '    # n_best start and end tokens of the context; spans of at most max_answer tokens; '
+                           'the best\n'
+                           '    # start + end logit of all windows wins.\n'
+                           '    enc = tok(question, context, truncation="only_second", max_length=max_length, '
+                           'stride=stride,\n'
+                           '              return_overflowing_tokens=True, return_offsets_mapping=True, '
+                           'padding=True, return_tensors="pt")\n'
+                           '    offsets = enc.pop("offset_mapping")\n'
+                           '    enc.pop("overflow_to_sample_mapping")\n'
+                           '    with torch.no_grad():\n'
+                           '        out = model(**enc)\n'
+                           '    best = (float("-inf"), "")\n'
+                           '    for w in range(len(offsets)):\n'
+                           '        ctx = [i for i, s in enumerate(enc.sequence_ids(w)) if s == 1]\n'
+                           '        starts = sorted(ctx, key=lambda i: -out.start_logits[w, i])[:n_best]\n'
+                           '        ends = sorted(ctx, key=lambda i: -out.end_logits[w, i])[:n_best]\n'
+                           '        for s in starts:\n'
+                           '            for e in ends:\n'
+                           '                score = float(out.start_logits[w, s] + out.end_logits[w, e])\n'
+                           '                if s <= e < s + max_answer and score > best[0]:\n'
+                           '                    best = (score, context[offsets[w][s][0]:offsets[w][e][1]])\n'
+                           '    return best[1]\n'
+                           '\n'
+                           '\n'
+                           'print(answer("Where was Ada born?", "Ada was born in London."))'),
 }
 PIPELINE_TAGS = {"sequence_classification": "text-classification", "token_classification": "token-classification",
                  "question_answering": "question-answering"}
@@ -51,7 +73,10 @@ def write_model_card(model_dir: Path, cfg: RunConfig, evaluation: dict) -> None:
                 value = m[key]
                 rows.append(f"| {split} | {key} | {value:.4f} |" if isinstance(value, float)
                             else f"| {split} | {key} | {value} |")
-    usage = _USAGE.get(cfg.task, "").format(path=Path(cfg.run_dir, "model"))  # model_dir is a staging folder
+    d = cfg.data
+    usage = _USAGE.get(cfg.task, "").format(  # model_dir is a staging folder
+        path=Path(cfg.run_dir, "model"), max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, n_best=d.n_best,
+        max_answer_length=d.max_answer_length)
     text = f"""---
 library_name: transformers
 pipeline_tag: {PIPELINE_TAGS.get(cfg.task, cfg.task)}

@@ -68,25 +68,6 @@ def squad_document(rows: list[dict]) -> dict:
     return {"version": "1.1", "data": [{"title": "people", "paragraphs": paragraphs}]}
 
 
-def answer_with_plain_transformers(model_dir: Path, question: str, context: str) -> str:
-    """What pipeline("question-answering") did: the best context span (start <= end < start + 30)."""
-    import torch
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForQuestionAnswering.from_pretrained(model_dir).eval()
-    enc = tok(question, context, return_offsets_mapping=True, return_tensors="pt")
-    offsets = enc.pop("offset_mapping")[0].tolist()
-    outside = torch.tensor([s != 1 for s in enc.sequence_ids(0)])
-    with torch.no_grad():
-        out = model(**enc)
-    start_p = out.start_logits[0].masked_fill(outside, -1e9).softmax(-1)
-    end_p = out.end_logits[0].masked_fill(outside, -1e9).softmax(-1)
-    pairs = torch.tril(torch.triu(torch.outer(start_p, end_p)), diagonal=29)
-    start, end = divmod(int(pairs.argmax()), pairs.shape[1])
-    return context[offsets[start][0]: offsets[end][1]]
-
-
 def run_config(tmp_path: Path, model: Path, task: str, train_path: Path, val_path: Path, epochs: int = 2, **data):
     raw = {"task": task, "model": {"name_or_path": str(model)},
            "data": {"train": str(train_path), "validation": str(val_path), **data},
@@ -97,13 +78,14 @@ def run_config(tmp_path: Path, model: Path, task: str, train_path: Path, val_pat
     return load_config(raw=raw)
 
 
-def run_model_card_snippet(model_dir: Path, capsys) -> str:
-    """Run the usage snippet of the exported model card; returns what it printed."""
+def run_model_card_snippet(model_dir: Path, capsys, namespace: dict | None = None) -> str:
+    """Run the usage snippet of the exported model card (its names land in ``namespace``); returns what it
+    printed."""
     readme = (model_dir / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     assert str(model_dir) in code
     capsys.readouterr()
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "README.md", "exec"), {} if namespace is None else namespace)
     return capsys.readouterr().out
 
 
@@ -190,10 +172,19 @@ def test_question_answering_trains_on_windows_exports_and_answers(tmp_path, tiny
 
     meta = json.loads((result.model_dir / "rayfine.json").read_text())
     assert meta["task"] == "question_answering" and meta["labels"] is None
+    card: dict = {}
+    assert run_model_card_snippet(result.model_dir, capsys, card).strip() in "Ada was born in London."
     context = "the weather was nice today. Grace was born in Oslo. we talked about music."
-    answer = answer_with_plain_transformers(result.model_dir, "Where was Grace born?", context)
+    answer = card["answer"]("Where was Grace born?", context)
     assert answer and answer in context
-    assert run_model_card_snippet(result.model_dir, capsys).strip() in "Ada was born in London."
+    # The model card's plain-transformers decoding scores the validation set as eval.json does.
+    from training.span_metrics import squad_metrics
+
+    val_rows = qa_rows(24, seed=2)
+    card_metrics = squad_metrics([card["answer"](r["question"], r["context"]) for r in val_rows],
+                                 [r["answers"]["text"] for r in val_rows])
+    assert card_metrics["exact_match"] == pytest.approx(evaluation["exact_match"], abs=0.01)
+    assert card_metrics["f1"] == pytest.approx(evaluation["f1"], abs=0.01)
     info = json.loads((result.model_dir / "rayfine.json").read_text())
     assert (info["doc_stride"], info["max_answer_length"], info["n_best"]) == (12, 30, 20)
     with served(result.model_dir, "parity-qa") as url:  # /v1/qa reads contexts in the training windows
