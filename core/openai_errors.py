@@ -47,9 +47,10 @@ def read_api_keys(env_var: str) -> frozenset[str]:
 
 def bearer_key_ok(headers: dict[bytes, bytes], keys: frozenset[str]) -> bool:
     """Whether an ASGI request's ``Authorization: Bearer KEY`` names one of ``keys``."""
-    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-    # compare_digest: no timing hints about how much of a key matched.
-    return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip(), key) for key in keys)
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    # compare_digest: no timing hints about how much of a key matched. On bytes: it refuses str with non-ASCII
+    # characters, and a header may carry any byte (a wrong key, never a server error).
+    return scheme.lower() == b"bearer" and any(hmac.compare_digest(token.strip(), key.encode()) for key in keys)
 
 
 async def send_unauthorized(send) -> None:

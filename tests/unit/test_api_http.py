@@ -141,6 +141,12 @@ def test_api_keys(tmp_path):
         assert c.get("/v1/files", headers={"Authorization": "Bearer k2"}).status_code == 200
         assert c.post("/v1/files", files={"file": ("t.jsonl", b"{}")}, data={"purpose": "fine-tune"}).status_code == 401
         assert c.get("/healthz").status_code == 200  # probes need no key
+        # Any bytes in the header are a wrong key (401), never a server error.
+        for raw in ("Bearer sk-é".encode(), b"Bearer \xff\xfe", "Bearer k1é".encode("latin-1")):
+            r = c.get("/v1/files", headers={"Authorization": raw})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", raw
+    with TestClient(build_app(make_settings(tmp_path, api_keys=frozenset({"clé-1"})))) as c:
+        assert c.get("/v1/files", headers={"Authorization": "Bearer clé-1".encode()}).status_code == 200
 
 
 def test_unknown_model_names_the_available_ones(client):
