@@ -63,6 +63,7 @@ class ModelServer:
         self.access_log = access_logger()
         self.in_flight = 0
         self._generation = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # requests' inputs, off the loop
         self._predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         logger.info("serving %s (%s) on %s with %d torch threads; auth %s", self.spec.model_id,

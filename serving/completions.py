@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from core.openai_errors import error_body
-from serving.errors import ServingError, check_model
+from serving.errors import ServingError, check_characters, check_input_count, check_model
 from serving.generation import Finished, SamplingParams
 from serving.protocol import (
     ChatCompletionRequest,
@@ -38,6 +38,8 @@ def add_routes(app: FastAPI, server) -> None:
         check_model(body.model, server.spec.model_id)
         deadline = time.monotonic() + server.cfg.request_timeout_s
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        check_input_count(len(messages), server.cfg.max_inputs_per_request, "messages")
+        check_characters("".join(m["content"] for m in messages), server.cfg.max_input_tokens, "messages")
         prompts = [server.model.encode_chat(messages)]
         return await _respond(server, body, prompts, deadline, chat=True)
 
@@ -45,7 +47,11 @@ def add_routes(app: FastAPI, server) -> None:
     async def complete(body: CompletionRequest):
         check_model(body.model, server.spec.model_id)
         deadline = time.monotonic() + server.cfg.request_timeout_s
-        prompts = [server.model.encode_prompt(p) for p in body.prompts()]
+        texts = body.prompts()
+        check_input_count(len(texts), server.cfg.max_inputs_per_request, "prompt")
+        for text in texts:
+            check_characters(text, server.cfg.max_input_tokens, "prompt")
+        prompts = [server.model.encode_prompt(p) for p in texts]
         return await _respond(server, body, prompts, deadline, chat=False)
 
 

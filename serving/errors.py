@@ -57,6 +57,31 @@ def input_too_long(n_tokens: int, limit: int, param: str = "input") -> ServingEr
                         param=param, code="input_too_long")
 
 
+# A token covers at most this many characters in any tokenizer rayfine serves (a long word, a run of spaces):
+# a text longer than max_input_tokens x this is too long whatever it tokenizes to, and is refused unread.
+MAX_CHARS_PER_TOKEN = 64
+
+
+def check_characters(text: str, limit_tokens: int, param: str = "input") -> None:
+    """413 for a text that cannot fit ``limit_tokens`` tokens, by its length alone (before any tokenization)."""
+    if len(text) > limit_tokens * MAX_CHARS_PER_TOKEN:
+        raise ServingError(413, f"The {param} is {len(text):,} characters long; more than "
+                                f"{limit_tokens * MAX_CHARS_PER_TOKEN:,} cannot fit serve.max_input_tokens "
+                                f"({limit_tokens}) tokens.", param=param, code="input_too_long")
+
+
+def check_input_count(n: int, limit: int, param: str = "input") -> None:
+    if n > limit:
+        raise ServingError(400, f"The request has {n:,} inputs; the limit is {limit:,} "
+                                "(serve.max_inputs_per_request): send them in several requests.",
+                           param=param, code="too_many_inputs")
+
+
+def request_too_large(limit: int) -> dict:
+    return error_body(f"The request body is larger than {limit:,} bytes (serve.max_request_bytes).",
+                      "invalid_request_error", None, "request_too_large")
+
+
 # Error statuses Serve's proxy produces itself (no route, timeout, backpressure, a replica that died
 # mid-request), with the ``code`` we give them.
 _PROXY_CODES = {404: "not_found", 408: "request_timeout", 429: "too_many_requests", 500: "internal_error",

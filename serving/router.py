@@ -7,6 +7,7 @@ the error shape and a message saying which task the deployment serves.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -19,7 +20,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.openai_errors import bearer_key_ok, error_body, send_unauthorized
 from core.ray_private import serve_request_id
 from serving import completions
-from serving.errors import ServingError, check_model
+from serving.errors import (
+    ServingError,
+    check_characters,
+    check_input_count,
+    check_model,
+    request_too_large,
+)
 from serving.model_folder import ENDPOINT_TASKS
 from serving.protocol import ModelCard, ModelList, QARequest, TextInputRequest
 from serving.telemetry import log_access
@@ -77,11 +84,22 @@ def _add_common_routes(app: FastAPI, server) -> None:
         return card.model_dump()
 
 
+async def encode_all(server, calls: list) -> list:
+    """Tokenize a request's inputs on the replica's tokenizing thread, off the event loop (one thread: a fast
+    tokenizer must not be used by two threads at once), so that a long request never holds /healthz or others."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(server.tokenizing, lambda: [call() for call in calls])
+
+
 def _add_text_route(app: FastAPI, server, path: str) -> None:
     @app.post(path)
     async def predict(body: TextInputRequest) -> JSONResponse:
         check_model(body.model, server.spec.model_id)
-        encoded = [server.model.encode(text) for text in body.texts()]
+        texts = body.texts()
+        check_input_count(len(texts), server.cfg.max_inputs_per_request)
+        for text in texts:
+            check_characters(text, server.cfg.max_input_tokens)
+        encoded = await encode_all(server, [lambda t=text: server.model.encode(t) for text in texts])
         return _data_response(server, *await within_timeout(server, server.predict(encoded)))
 
 
@@ -93,7 +111,11 @@ def _add_qa_route(app: FastAPI, server) -> None:
             items = body.items()
         except ValueError as exc:
             raise ServingError(422, str(exc), param="question", code="invalid_value") from None
-        encoded = [server.model.encode(item.question, item.context) for item in items]
+        check_input_count(len(items), server.cfg.max_inputs_per_request)
+        for item in items:
+            check_characters(item.question + item.context, server.cfg.max_input_tokens, "context")
+        encoded = await encode_all(server, [lambda i=item: server.model.encode(i.question, i.context)
+                                            for item in items])
         return _data_response(server, *await within_timeout(server, server.predict(encoded)))
 
 
@@ -209,6 +231,13 @@ class RequestMiddleware:
             if server.api_keys and path not in OPEN_PATHS and not bearer_key_ok(headers, server.api_keys):
                 scope["rayfine.error_code"] = "invalid_api_key"
                 await send_unauthorized(send_and_watch)
+            elif scope["method"] == "POST":
+                body = await read_capped(receive, headers, server.cfg.max_request_bytes)
+                if body is None:
+                    scope["rayfine.error_code"] = "request_too_large"
+                    await send_json(send_and_watch, 413, request_too_large(server.cfg.max_request_bytes))
+                else:
+                    await self.app(scope, replay(body, receive), send_and_watch)
             else:
                 await self.app(scope, receive, send_and_watch)
         finally:
@@ -222,6 +251,50 @@ class RequestMiddleware:
                        latency_ms=round(latency_ms, 2), model=server.spec.model_id,
                        batch_size=int(seen["batch"]) if seen.get("batch") else None,
                        model_ms=_model_ms(seen.get("timing")), error=code)
+
+
+async def read_capped(receive, headers: dict[bytes, bytes], limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to be larger than ``limit`` bytes (from its
+    Content-Length, else while it arrives): a huge body is refused without being held in memory."""
+    try:
+        if int(headers.get(b"content-length", b"0")) > limit:
+            return None
+    except ValueError:
+        pass
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive):
+    """An ASGI ``receive`` that hands over ``body`` first, then the original messages (a disconnect)."""
+    sent = False
+
+    async def receive_again():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again
+
+
+async def send_json(send, status: int, body: dict) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _request_id(headers: dict[bytes, bytes]) -> str | None:

@@ -301,6 +301,28 @@ def test_malformed_json_without_content_type(urls, client):
     assert_error(client.post(f"{urls['qa']}/v1/qa", json={"question": "only a question"}), 422)
 
 
+def test_no_request_can_hold_a_replica(urls, client):
+    """A 16 MB body, 20,000 inputs and a text too long by its characters get a 4xx at once (before anything is
+    tokenized), and /healthz keeps answering."""
+    import time
+
+    url = f"{urls['cls']}/v1/classify"
+    started = time.monotonic()
+    big = b'{"input": "' + b"a" * (16 * 2**20) + b'"}'
+    assert_error(client.post(url, content=big, headers={"content-type": "application/json"}), 413,
+                 "request_too_large")
+    assert_error(client.post(url, json={"input": ["ok"] * 20_000}), 400, "too_many_inputs")
+    error = assert_error(client.post(url, json={"input": "x" * (64 * 64 + 1)}), 413, "input_too_long")
+    assert "characters" in error["message"]
+    error = assert_error(client.post(f"{urls['qa']}/v1/qa", json={"input": [
+        {"question": "q?", "context": "c"}] * 20_000}), 400, "too_many_inputs")
+    assert_error(chat(urls, client, messages=[{"role": "user", "content": "y" * (64 * 64 + 1)}]), 413,
+                 "input_too_long")
+    assert time.monotonic() - started < 20
+    assert client.get(f"{urls['cls']}/healthz").status_code == 200
+    assert client.post(url, json={"input": ["fine"] * 256}).status_code == 200  # the limit itself is served
+
+
 def test_replicas_survive_bad_requests(urls, client):
     assert client.get(f"{urls['cls']}/healthz").status_code == 200
     assert client.get(f"{urls['lm']}/healthz").status_code == 200
