@@ -30,6 +30,10 @@ def parse_record(line: str) -> tuple[Optional[dict], Optional[str]]:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         return None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+    except ValueError:  # Python refuses to convert an integer of more than 4,300 digits
+        return None, "a number with too many digits (over 4,300)"
+    except RecursionError:
+        return None, "JSON nested too deeply"
     if not isinstance(record, dict):
         return None, f"expected a JSON object, got {type(record).__name__}"
     return record, None

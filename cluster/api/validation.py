@@ -26,12 +26,21 @@ from training.formats import parse_record
 from training.preflight import check_splits
 
 MAX_PROBLEMS = 20
+MAX_LINE_BYTES = 4 * 2**20  # one training example; a longer line is refused without being held in memory
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Optional[dict], Optional[str]]]:
-    """``(line, record, problem)`` for each non-blank line; exact line numbers even for bad UTF-8."""
+    """``(line, record, problem)`` for each non-blank line; exact line numbers even for bad UTF-8. Lines are read
+    one at a time, each at most MAX_LINE_BYTES (the rest of a longer one is skipped unread into memory)."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(MAX_LINE_BYTES)
+                yield lineno, None, f"the line is longer than {MAX_LINE_BYTES // 2**20} MiB"
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:

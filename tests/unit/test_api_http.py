@@ -93,6 +93,26 @@ def test_a_malformed_upload_is_refused_naming_the_line(client, tmp_path):
     assert list((tmp_path / "data" / "files").iterdir()) == []  # nothing kept
 
 
+@pytest.mark.parametrize("bad_line, problem", [
+    (b'{"text": "t", "label": ' + b"9" * 5000 + b"}", "line 3: a number with too many digits"),
+    (b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "line 3: JSON nested too deeply"),
+    (b'{"text": "' + b"a" * (5 * 2**20) + b'", "label": "pos"}', "line 3: the line is longer than 4 MiB"),
+])
+def test_hostile_lines_are_refused_naming_the_line(client, tmp_path, bad_line, problem):
+    content = jsonl(sentiment_rows(2)) + bad_line + b"\n" + jsonl(sentiment_rows(1))
+    r = upload(client, content)
+    assert r.status_code == 400 and problem in r.json()["error"]["message"], r.text
+    assert list((tmp_path / "data" / "files").iterdir()) == []
+
+
+def test_a_last_line_without_a_newline_still_counts(client):
+    rows = sentiment_rows(12)
+    content = jsonl(rows).rstrip(b"\n")
+    r = upload(client, content)
+    assert r.status_code == 200 and r.json()["bytes"] == len(content)
+    assert upload(client, b'{"text": "x", "label"').status_code == 400  # a cut-off last line names line 1
+
+
 def test_only_fine_tune_uploads(client):
     r = upload(client, jsonl(sentiment_rows(3)), purpose="batch")
     assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
