@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys-env", default="RAYFINE_API_KEYS",
                    help="env var with comma-separated API keys; unset = no authentication")
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest file upload accepted")
+    p.add_argument("--insecure", action="store_true",
+                   help="listen on a non-loopback --host without API keys (refused otherwise)")
     p.set_defaults(func=cmd_api)
     return parser
 

@@ -27,12 +27,29 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         raise UserError(f"--max-upload-mb: must be a positive number of megabytes (got {args.max_upload_mb})")
     if not 0 < args.port < 65536:
         raise UserError(f"--port: must be 1-65535 (got {args.port})")
+    keys = read_api_keys(args.api_keys_env)
+    if not keys and not is_loopback(args.host) and not getattr(args, "insecure", False):
+        raise UserError(f"--host {args.host}: without API keys anyone who reaches this port could upload files and "
+                        f"start jobs on the cluster; set ${args.api_keys_env} (comma-separated keys), or pass "
+                        "--insecure to listen anyway (a trusted network only)")
     data_dir = Path(args.data_dir or DEFAULT_DATA_DIR).expanduser().resolve()
     storage = Path(args.storage).expanduser().resolve() if args.storage else data_dir / "runs"
     return ApiSettings(
         base_models=load_base_models(list(args.configs)), data_dir=data_dir, storage=storage,
         address=args.address, api_keys_env=args.api_keys_env, host=args.host, port=args.port,
-        max_upload_bytes=int(float(args.max_upload_mb or 512) * 2**20), api_keys=read_api_keys(args.api_keys_env))
+        max_upload_bytes=int(float(args.max_upload_mb or 512) * 2**20), api_keys=keys)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _configure_logging() -> None:

@@ -76,3 +76,22 @@ def test_rayfine_api_refuses_a_bad_upload_limit(tmp_path, capsys):
     cfg = write_config(tmp_path / "a.yaml")
     assert main(["api", str(cfg), "--max-upload-mb", "0", "--address", "http://127.0.0.1:9"]) == 1
     assert "--max-upload-mb: must be a positive number" in capsys.readouterr().err
+
+
+def test_rayfine_api_will_not_listen_on_the_network_without_keys(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAYFINE_API_KEYS", raising=False)
+    cfg = write_config(tmp_path / "a.yaml")
+    args = ["api", str(cfg), "--address", "http://127.0.0.1:9", "--data-dir", str(tmp_path / "d")]
+    assert main([*args, "--host", "0.0.0.0"]) == 1
+    err = capsys.readouterr().err
+    assert "--host 0.0.0.0: without API keys" in err and "--insecure" in err and "Traceback" not in err
+    # With --insecure, or with keys, it goes on (to the unreachable cluster, here).
+    assert main([*args, "--host", "0.0.0.0", "--insecure"]) == 1
+    assert "cannot reach the Ray Jobs API" in capsys.readouterr().err
+    monkeypatch.setenv("RAYFINE_API_KEYS", "k1")
+    assert main([*args, "--host", "0.0.0.0"]) == 1
+    assert "cannot reach the Ray Jobs API" in capsys.readouterr().err
+    from cluster.api.server import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("api.example.com")
