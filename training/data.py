@@ -149,8 +149,10 @@ def read_shard_rows(path: str, fmt: str, cfg: RunConfig, carve: float, keep: str
 
     adapter = get_adapter(cfg)
     chunk: list[dict[str, Any]] = []
+    seen = 0
     try:
         for line, record, problem in iter_raw_records(path, fmt):
+            seen += 1
             split = split_of(path, line, cfg.data.shuffle_seed, carve)
             if keep is not None and split != keep:
                 continue
@@ -177,6 +179,12 @@ def read_shard_rows(path: str, fmt: str, cfg: RunConfig, carve: float, keep: str
         row = adapter.empty_record()
         row.update(_file=path, _line=0, _split="train", _error=f"cannot read this file: {exc}")
         chunk.append(row)
+    else:
+        if seen == 0 and keep in (None, "train"):  # said once, also when train is carved into two splits
+            row = adapter.empty_record()
+            row.update(_file=path, _line=0, _split=keep or "train",
+                       _error="no records (an empty file or shard): remove it from the data, or fill it")
+            chunk.append(row)
     if chunk:
         yield _columns(chunk)
 

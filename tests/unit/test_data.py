@@ -101,6 +101,20 @@ def test_parquet_rows_and_unreadable_shard(tmp_path):
     assert line == 0 and problem.startswith("cannot read this file")
 
 
+def test_an_empty_file_or_shard_is_named(tmp_path):
+    empty = tmp_path / "part-3.jsonl"
+    empty.write_text("\n\n")
+    assert errors_of(empty) == [(0, "no records (an empty file or shard): remove it from the data, or fill it")]
+    shard = tmp_path / "part-4.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), shard)
+    assert [line for line, _ in errors_of(shard, "parquet")] == [0]
+    # When train is carved into train and validation, the file is read twice: said once.
+    cfg = cfg_for(empty)
+    said = [r for keep in ("train", "validation") for chunk in read_shard_rows(str(empty), "jsonl", cfg, 0.1, keep)
+            for r in chunk["_error"]]
+    assert len(said) == 1
+
+
 def test_text_pair_column_is_required_when_set(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"text": "a", "label": "x"}) + "\n")
