@@ -34,7 +34,7 @@ def summarize_batch(batch: dict[str, np.ndarray], cfg: RunConfig) -> dict[str, l
               for f, n, e in zip(batch["_file"], batch["_line"], batch["_error"]) if e]
     ok = np.asarray(batch["_error"]) == ""
     summary = {"errors": errors[:MAX_PROBLEMS], "num_errors": len(errors),
-               "counts": {}, "labels": {}, "first_seen": {}, "lengths": {}, "stats": {}}
+               "counts": {}, "labels": {}, "first_seen": {}, "lengths": {}, "stats": {}, "where": {}}
     clean = {k: np.asarray(v)[ok] for k, v in batch.items()}
     if ok.any():
         lengths = adapter.tokenize(clean, tokenizer, None, truncate=False)["length"]
@@ -45,6 +45,9 @@ def summarize_batch(batch: dict[str, np.ndarray], cfg: RunConfig) -> dict[str, l
             summary["counts"][split] = int(mask.sum())
             summary["lengths"][split] = [int(x) for x in np.asarray(lengths)[mask]]
             summary["stats"][split] = {k: int(np.asarray(v)[mask].sum()) for k, v in stats.items()}
+            summary["where"][split] = {  # the first records each task check counted, as file:line
+                k: [f"{clean['_file'][i]}:{clean['_line'][i]}" for i in np.flatnonzero(mask & (np.asarray(v) > 0))
+                    ][:WHERE_LINES] for k, v in stats.items() if k != "rows" and (np.asarray(v)[mask] > 0).any()}
             if labels is not None:
                 counts, where = Counter(), {}
                 for i in np.flatnonzero(mask):
@@ -53,6 +56,9 @@ def summarize_batch(batch: dict[str, np.ndarray], cfg: RunConfig) -> dict[str, l
                         where.setdefault(lab, f"{clean['_file'][i]}:{clean['_line'][i]}")
                 summary["labels"][split], summary["first_seen"][split] = dict(counts), where
     return {"summary": [json.dumps(summary)]}
+
+
+WHERE_LINES = 5  # records named per task check in the pre-flight report
 
 
 @dataclass
@@ -92,6 +98,7 @@ class DataSummary:
     lengths: dict[str, np.ndarray] = field(default_factory=dict)
     labels: LabelSpace | None = None
     stats: dict[str, dict[str, int]] = field(default_factory=dict)  # per split: rows and task checks
+    where: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # per split and check: first file:line
 
     def rows(self, split: str) -> int:
         """Rows the tokenizer makes of a split (what training steps over); records when not counted."""
@@ -129,6 +136,7 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
     labels: dict[str, Counter] = defaultdict(Counter)
     first_seen: dict[str, dict[str, str]] = defaultdict(dict)
     stats: dict[str, Counter] = defaultdict(Counter)
+    where: dict[str, dict[str, list[str]]] = defaultdict(dict)
     for source, ds in sources:
         for s in _summaries(ds, cfg):
             problems += s["errors"][: MAX_PROBLEMS - len(problems)]
@@ -138,6 +146,9 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
                 result.counts[name] = result.counts.get(name, 0) + n
                 lengths[name] += s["lengths"][split]
                 stats[name].update(s["stats"][split])
+                for key, lines in s.get("where", {}).get(split, {}).items():
+                    known = where[name].setdefault(key, [])
+                    known += lines[: WHERE_LINES - len(known)]
                 if split in s["labels"]:
                     labels[name].update(s["labels"][split])
                 for lab, where in s["first_seen"].get(split, {}).items():
@@ -149,6 +160,7 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
     result.lengths = {k: np.asarray(v) for k, v in lengths.items()}
     result.label_counts = {k: dict(v) for k, v in labels.items()}
     result.stats = {k: dict(v) for k, v in stats.items()}
+    result.where = dict(where)
     _check_splits(cfg, splits, result, first_seen)
     return result
 
@@ -283,7 +295,8 @@ def _format_rows_and_checks(summary: DataSummary) -> list[str]:
     """Rows after tokenization where they differ from records (QA windows), and the task's own checks."""
     lines = []
     if any(summary.rows(s) != n for s, n in summary.counts.items()):
-        lines += ["", "rows after tokenization (a long context becomes several windows; training counts rows):"]
+        lines += ["", "rows after tokenization (a long QA context becomes several windows, a causal-LM record that "
+                      "truncation left no target token is skipped; training counts rows):"]
         for split, n in summary.counts.items():
             rows = summary.rows(split)
             lines.append(f"  {split:<11} {rows:>9,}  ({rows / max(n, 1):.2f} per record)")
@@ -293,6 +306,9 @@ def _format_rows_and_checks(summary: DataSummary) -> list[str]:
         for key in checks:
             lines.append("  " + f"{key.replace('_', ' '):<24}" + "".join(
                 f"{summary.stats.get(s, {}).get(key, 0):>12,}" for s in summary.counts))
+        for split, found in summary.where.items():
+            for key, places in found.items():
+                lines.append(f"  {key.replace('_', ' ')} ({split}), first: {', '.join(places)}")
     return lines
 
 

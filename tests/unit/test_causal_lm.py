@@ -124,3 +124,25 @@ def test_packed_batch_gives_the_same_per_example_loss(tokenizer):
     # the first token of each example is never a target, packed or not
     assert together == pytest.approx(separate, rel=1e-4)
     assert sum(int(seq["length"]) for seq in packed) == sum(len(x) for x in enc["input_ids"])
+
+
+def test_a_record_truncation_leaves_no_target_is_skipped_and_counted(tokenizer):
+    """A prompt longer than max_seq_length leaves its answer no token: 0/0 loss; the record is left out of
+    training rows, and the pre-flight counts and names it."""
+    from training.preflight import DataSummary, _format_rows_and_checks
+
+    a = adapter(max_seq_length=16)
+    records = [{"prompt": "short question?", "completion": " yes"},
+               {"prompt": " ".join(["word"] * 40), "completion": " cut off"},
+               {"prompt": "another one?", "completion": " no"}]
+    enc = encode(a, records, tokenizer)
+    assert len(enc["input_ids"]) == 2 and all((l != IGNORE).any() for l in enc["labels"])
+    rows = [a.parse_record(r) for r in records]
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    stats = a.record_stats(batch, tokenizer)
+    assert stats["rows"].tolist() == [1, 0, 1] and stats["no_target_after_truncation"].tolist() == [0, 1, 0]
+    summary = DataSummary(counts={"train": 3}, stats={"train": {"rows": 2, "no_target_after_truncation": 1}},
+                          where={"train": {"no_target_after_truncation": ["chat.jsonl:2"]}})
+    report = "\n".join(_format_rows_and_checks(summary))
+    assert "no target after truncation" in report and "chat.jsonl:2" in report
+    assert summary.rows("train") == 2

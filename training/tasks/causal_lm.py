@@ -128,6 +128,21 @@ class CausalLM(TaskAdapter):
 
     def tokenize(self, batch: dict[str, np.ndarray], tokenizer, labels: LabelSpace | None,
                  truncate: bool = True) -> dict[str, Any]:
+        """Input ids and loss targets. Truncated (training, evaluation): a record whose every target token was
+        cut off at data.max_seq_length is left out, as it has nothing to learn from (its loss would be 0/0);
+        ``record_stats`` counts them for the pre-flight report."""
+        out = self._encode(batch, tokenizer, truncate)
+        if truncate and (out["trained_tokens"] == 0).any():
+            keep = np.flatnonzero(out["trained_tokens"] > 0)
+            out = {k: ([v[i] for i in keep] if isinstance(v, list) else v[keep]) for k, v in out.items()}
+        return out
+
+    def record_stats(self, batch: dict[str, np.ndarray], tokenizer) -> dict[str, np.ndarray]:
+        """Per record: a training row, unless truncation at data.max_seq_length left it no target token."""
+        empty = self._encode(batch, tokenizer, truncate=True)["trained_tokens"] == 0
+        return {"rows": (~empty).astype(np.int64), "no_target_after_truncation": empty.astype(np.int64)}
+
+    def _encode(self, batch: dict[str, np.ndarray], tokenizer, truncate: bool) -> dict[str, Any]:
         ensure_chat_template(tokenizer)
         rendered = [self.render(k, p, tokenizer) for k, p in zip(batch["kind"], batch["payload"])]
         max_len = self.data.max_seq_length if truncate else None
