@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import threading
 import time
@@ -36,6 +37,18 @@ class TrainResult:
     metrics: dict
 
 
+def append_record(path: Path, record: dict) -> None:
+    """Append one JSON line to metrics.jsonl. A last line cut short (a crash or a full disk before a resume) is
+    ended first, so that it stays one unreadable line and never swallows this record."""
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
+
+
 class MetricsLogCallback(UserCallback):
     """Runs in the Ray Train controller: appends rank 0's report to metrics.jsonl and exports the
     training gauges (``ray_rayfine_train_*`` on Ray's Prometheus endpoint)."""
@@ -54,8 +67,7 @@ class MetricsLogCallback(UserCallback):
             return
         record = {k: v for k, v in m.items() if not k.endswith("_report")}
         record["time"] = round(time.time(), 3)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(self.path, record)
         self._export(record)
 
     def _export(self, record: dict) -> None:
@@ -92,7 +104,11 @@ class ProgressPrinter(threading.Thread):
             for line in f:
                 if line.endswith("\n"):
                     self.offset += len(line.encode())
-                    logger.info(format_progress(json.loads(line), self.total_steps, time.time() - self.started))
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # a line cut short by an earlier crash: not a report
+                        continue
+                    logger.info(format_progress(record, self.total_steps, time.time() - self.started))
 
     def stop(self) -> None:
         self.stopped.set()
@@ -246,13 +262,16 @@ def _worker_startup(run_dir: Path, offset: int = 0) -> dict[str, float]:
     try:
         with open(RunFolder(run_dir).metrics, "rb") as f:
             f.seek(offset)
-            lines = f.read().decode().splitlines()
-        for line in lines:
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        try:
             record = json.loads(line)
-            if isinstance(record.get("startup"), dict):
-                return record["startup"]
-    except (OSError, ValueError):
-        pass
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("startup"), dict):
+            return record["startup"]
     return {}
 
 

@@ -12,8 +12,11 @@ def load_metrics(path: Path) -> list[dict]:
     if not Path(path).exists():
         return []
     for line in Path(path).read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except ValueError:  # a line cut short (a crash, a full disk) before the run resumed: not a record
+            rec = None
+        if isinstance(rec, dict):
             kind = "eval" if any(k.startswith("eval_") for k in rec) else "train"
             by_key[(rec.get("step", 0), kind, bool(rec.get("final")))] = rec
     return [by_key[k] for k in sorted(by_key)]
