@@ -136,7 +136,7 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
     labels: dict[str, Counter] = defaultdict(Counter)
     first_seen: dict[str, dict[str, str]] = defaultdict(dict)
     stats: dict[str, Counter] = defaultdict(Counter)
-    where: dict[str, dict[str, list[str]]] = defaultdict(dict)
+    places: dict[str, dict[str, list[str]]] = defaultdict(dict)  # per split and task check: first file:line
     for source, ds in sources:
         for s in _summaries(ds, cfg):
             problems += s["errors"][: MAX_PROBLEMS - len(problems)]
@@ -147,7 +147,7 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
                 lengths[name] += s["lengths"][split]
                 stats[name].update(s["stats"][split])
                 for key, lines in s.get("where", {}).get(split, {}).items():
-                    known = where[name].setdefault(key, [])
+                    known = places[name].setdefault(key, [])
                     known += lines[: WHERE_LINES - len(known)]
                 if split in s["labels"]:
                     labels[name].update(s["labels"][split])
@@ -160,7 +160,7 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
     result.lengths = {k: np.asarray(v) for k, v in lengths.items()}
     result.label_counts = {k: dict(v) for k, v in labels.items()}
     result.stats = {k: dict(v) for k, v in stats.items()}
-    result.where = dict(where)
+    result.where = dict(places)
     _check_splits(cfg, splits, result, first_seen)
     return result
 
