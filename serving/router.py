@@ -253,26 +253,33 @@ class RequestMiddleware:
                        model_ms=_model_ms(seen.get("timing")), error=code)
 
 
+# A body over serve.max_request_bytes is read on and thrown away up to this many bytes before the 413 goes out:
+# a client still sending when the answer comes sees a broken connection instead of the 413. Past this, the
+# connection is answered and closed at once.
+DRAIN_MAX_BYTES = 64 * 2**20
+
+
 async def read_capped(receive, headers: dict[bytes, bytes], limit: int) -> bytes | None:
-    """The request body, or None as soon as it is known to be larger than ``limit`` bytes (from its
-    Content-Length, else while it arrives): a huge body is refused without being held in memory."""
+    """The request body, or None when it is larger than ``limit`` bytes: never more than ``limit`` bytes of it
+    are held in memory (the rest is read and dropped, up to DRAIN_MAX_BYTES, so the client gets the 413)."""
     try:
-        if int(headers.get(b"content-length", b"0")) > limit:
-            return None
+        declared = int(headers.get(b"content-length", b"0"))
     except ValueError:
-        pass
+        declared = 0
     chunks, size = [], 0
+    too_large = declared > limit
     while True:
         message = await receive()
         if message["type"] != "http.request":  # the client went away
-            return b"".join(chunks)
+            return None if too_large else b"".join(chunks)
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
+            too_large, chunks = True, []
+        elif not too_large:
+            chunks.append(chunk)
+        if not message.get("more_body") or size > DRAIN_MAX_BYTES:
+            return None if too_large else b"".join(chunks)
 
 
 def replay(body: bytes, receive):
