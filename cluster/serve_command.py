@@ -82,25 +82,24 @@ def check_port_free(cfg: ServeConfig, address: str | None) -> None:
 
     if not is_local(address) or ray.is_initialized():
         return
-    with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to listen on
+    problem = _listen_problem(cfg.host, cfg.port)
+    if problem:
+        free = next((p for p in range(cfg.port + 1, min(cfg.port + 100, 65536))
+                     if not _listen_problem(cfg.host, p)), cfg.port + 1)
+        raise UserError(f"serve.port {cfg.port} on {cfg.host} is already in use ({problem}): another server holds "
+                        f"it (an earlier `rayfine serve`?). Stop it, or pick another port with --set "
+                        f"serve.port={free}")
+
+
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on ``host:port`` now (None: it could). A port in TIME_WAIT counts as free."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((cfg.host, cfg.port))
+            sock.bind((host, port))
         except OSError as exc:
-            raise UserError(f"serve.port {cfg.port} on {cfg.host} is already in use ({exc.strerror}): another "
-                            f"server holds it (an earlier `rayfine serve`?). Stop it, or pick another port with "
-                            f"--set serve.port={_suggest_port(cfg)}") from None
-
-
-def _suggest_port(cfg: ServeConfig) -> int:
-    for port in range(cfg.port + 1, min(cfg.port + 100, 65536)):
-        with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as sock:
-            try:
-                sock.bind((cfg.host, port))
-                return port
-            except OSError:
-                continue
-    return cfg.port + 1
+            return exc.strerror or str(exc)
+    return None
 
 
 @dataclass

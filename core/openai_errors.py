@@ -53,10 +53,16 @@ def bearer_key_ok(headers: dict[bytes, bytes], keys: frozenset[str]) -> bool:
     return scheme.lower() == b"bearer" and any(hmac.compare_digest(token.strip(), key.encode()) for key in keys)
 
 
+async def send_error(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Answer an ASGI request with ``status`` and ``body`` (an ``error_body``) as JSON, plus ``headers``."""
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
 async def send_unauthorized(send) -> None:
     """Answer an ASGI request with 401 in the error shape (and ``WWW-Authenticate: Bearer``)."""
-    body = json.dumps(error_body(INVALID_KEY_MESSAGE, "authentication_error", None, "invalid_api_key")).encode()
-    await send({"type": "http.response.start", "status": 401,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"www-authenticate", b"Bearer")]})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 401, error_body(INVALID_KEY_MESSAGE, "authentication_error", None, "invalid_api_key"),
+                     [(b"www-authenticate", b"Bearer")])

@@ -9,10 +9,9 @@ either server from the same env var) rewrites them into the same JSON shape.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
-from core.openai_errors import error_body, error_type
+from core.openai_errors import error_body, error_type, send_error
 
 # Serve's HTTP servers import this (env var core.ray_private.PROXY_CALLBACK_ENV) to shape their own errors.
 PROXY_CALLBACK = "serving.errors:proxy_middlewares"
@@ -131,11 +130,8 @@ async def _send_json(send, start: dict, text: bytes) -> None:
     if "backpressure" in message:  # Serve's wording for a full max_queued_requests queue
         code = "server_overloaded"
         message = f"The server is at capacity; retry later. ({message})"
-    body = json.dumps(error_body(message, error_type(status), None, code)).encode()
     kept = [(k, v) for k, v in start.get("headers") or [] if k not in (b"content-type", b"content-length")]
-    headers = kept + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, status, error_body(message, error_type(status), None, code), kept)
 
 
 def proxy_middlewares() -> list:

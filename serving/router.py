@@ -7,7 +7,6 @@ the error shape and a message saying which task the deployment serves.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
@@ -17,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.openai_errors import bearer_key_ok, error_body, send_unauthorized
+from core.openai_errors import bearer_key_ok, error_body, send_error, send_unauthorized
 from core.ray_private import serve_request_id
 from serving import completions
 from serving.errors import (
@@ -84,11 +83,10 @@ def _add_common_routes(app: FastAPI, server) -> None:
         return card.model_dump()
 
 
-async def encode_all(server, calls: list) -> list:
-    """Tokenize a request's inputs on the replica's tokenizing thread, off the event loop (one thread: a fast
-    tokenizer must not be used by two threads at once), so that a long request never holds /healthz or others."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(server.tokenizing, lambda: [call() for call in calls])
+async def tokenized(server, encode) -> list:
+    """Run ``encode()`` (a request's tokenizing) on the replica's tokenizing thread, off the event loop (one thread:
+    a fast tokenizer must not be used by two threads at once), so that a long request never holds /healthz."""
+    return await asyncio.get_running_loop().run_in_executor(server.tokenizing, encode)
 
 
 def _add_text_route(app: FastAPI, server, path: str) -> None:
@@ -99,7 +97,7 @@ def _add_text_route(app: FastAPI, server, path: str) -> None:
         check_input_count(len(texts), server.cfg.max_inputs_per_request)
         for text in texts:
             check_characters(text, server.cfg.max_input_tokens)
-        encoded = await encode_all(server, [lambda t=text: server.model.encode(t) for text in texts])
+        encoded = await tokenized(server, lambda: [server.model.encode(text) for text in texts])
         return _data_response(server, *await within_timeout(server, server.predict(encoded)))
 
 
@@ -114,8 +112,7 @@ def _add_qa_route(app: FastAPI, server) -> None:
         check_input_count(len(items), server.cfg.max_inputs_per_request)
         for item in items:
             check_characters(item.question + item.context, server.cfg.max_input_tokens, "context")
-        encoded = await encode_all(server, [lambda i=item: server.model.encode(i.question, i.context)
-                                            for item in items])
+        encoded = await tokenized(server, lambda: [server.model.encode(i.question, i.context) for i in items])
         return _data_response(server, *await within_timeout(server, server.predict(encoded)))
 
 
@@ -235,7 +232,8 @@ class RequestMiddleware:
                 body = await read_capped(receive, headers, server.cfg.max_request_bytes)
                 if body is None:
                     scope["rayfine.error_code"] = "request_too_large"
-                    await send_json(send_and_watch, 413, request_too_large(server.cfg.max_request_bytes))
+                    await send_error(send_and_watch, 413, request_too_large(server.cfg.max_request_bytes),
+                                     [(b"connection", b"close")])
                 else:
                     await self.app(scope, replay(body, receive), send_and_watch)
             else:
@@ -294,14 +292,6 @@ def replay(body: bytes, receive):
         return await receive()
 
     return receive_again
-
-
-async def send_json(send, status: int, body: dict) -> None:
-    payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": payload})
 
 
 def _request_id(headers: dict[bytes, bytes]) -> str | None:
