@@ -15,8 +15,13 @@ Training writes it; the CLI, the jobs API and serving read it back.
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -76,3 +81,27 @@ class RunFolder:
     def trainer_states(self) -> list[Path]:
         """``trainer_state.json`` of every checkpoint, oldest first."""
         return sorted(self.checkpoints.glob(f"checkpoint_*/{TRAINER_STATE}"))
+
+
+def read_records(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The records of ``metrics.jsonl`` in the complete lines after byte ``offset``; returns them and the offset
+    after the last complete line. A last line still being written is left for the next read; a line that is not a
+    JSON object (one cut short by a crash before a resume) is skipped with a warning."""
+    if not Path(path).is_file():
+        return [], offset
+    records = []
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # being written; read it next time
+            offset += len(raw)
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif raw.strip():
+                logger.warning("%s: skipping a line that is not a JSON record", path)
+    return records, offset

@@ -24,7 +24,7 @@ from ray.train import UserCallback
 from core import timings
 from core.config import RunConfig, dump_config
 from core.errors import UserError
-from core.run_folder import CHECKPOINTS, RunFolder
+from core.run_folder import CHECKPOINTS, RunFolder, read_records
 from training.loop import TrainPlan, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -97,18 +97,9 @@ class ProgressPrinter(threading.Thread):
             self.flush()
 
     def flush(self) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path) as f:
-            f.seek(self.offset)
-            for line in f:
-                if line.endswith("\n"):
-                    self.offset += len(line.encode())
-                    try:
-                        record = json.loads(line)
-                    except ValueError:  # a line cut short by an earlier crash: not a report
-                        continue
-                    logger.info(format_progress(record, self.total_steps, time.time() - self.started))
+        records, self.offset = read_records(self.path, self.offset)
+        for record in records:
+            logger.info(format_progress(record, self.total_steps, time.time() - self.started))
 
     def stop(self) -> None:
         self.stopped.set()
@@ -259,20 +250,8 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
 def _worker_startup(run_dir: Path, offset: int = 0) -> dict[str, float]:
     """Rank 0's start-up timestamps, from the first metrics.jsonl record after byte ``offset`` that carries them
     (this command's run: a resumed run folder holds earlier ones)."""
-    try:
-        with open(RunFolder(run_dir).metrics, "rb") as f:
-            f.seek(offset)
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return {}
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("startup"), dict):
-            return record["startup"]
-    return {}
+    records, _ = read_records(RunFolder(run_dir).metrics, offset)
+    return next((r["startup"] for r in records if isinstance(r.get("startup"), dict)), {})
 
 
 def estimate_packed_sequences(cfg: RunConfig, summary) -> int | None:

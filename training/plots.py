@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from core.run_folder import read_records
 
 
 def load_metrics(path: Path) -> list[dict]:
     """Records of metrics.jsonl; after a resume, the last record of a step wins."""
     by_key: dict[tuple, dict] = {}
-    if not Path(path).exists():
-        return []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rec = json.loads(line) if line.strip() else None
-        except ValueError:  # a line cut short (a crash, a full disk) before the run resumed: not a record
-            rec = None
-        if isinstance(rec, dict):
-            kind = "eval" if any(k.startswith("eval_") for k in rec) else "train"
-            by_key[(rec.get("step", 0), kind, bool(rec.get("final")))] = rec
+    for rec in read_records(path)[0]:
+        kind = "eval" if any(k.startswith("eval_") for k in rec) else "train"
+        by_key[(rec.get("step", 0), kind, bool(rec.get("final")))] = rec
     return [by_key[k] for k in sorted(by_key)]
 
 

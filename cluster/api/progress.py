@@ -19,24 +19,6 @@ from core.run_folder import RunFolder
 logger = logging.getLogger(__name__)
 
 
-def read_new_metrics(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """Complete lines of ``metrics.jsonl`` after byte ``offset``; returns them and the new offset."""
-    if not path.is_file():
-        return [], offset
-    records = []
-    with open(path, "rb") as f:
-        f.seek(offset)
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break  # being written; read it next time
-            offset += len(raw)
-            try:
-                records.append(json.loads(raw))
-            except json.JSONDecodeError:
-                logger.warning("%s: skipping a line that is not JSON", path)
-    return records, offset
-
-
 def metrics_data(record: dict[str, Any], total_steps: Optional[int]) -> dict[str, Any]:
     """OpenAI's metrics event ``data``: train_loss, full_valid_* (we evaluate on the whole validation set)."""
     data: dict[str, Any] = {"step": record.get("step"), "total_steps": total_steps}

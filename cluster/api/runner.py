@@ -29,7 +29,7 @@ from cluster.api.validation import check_job_files
 from core.config import RunConfig
 from core.errors import UserError
 from core.model_folder import MODEL_INFO
-from core.run_folder import RunFolder
+from core.run_folder import RunFolder, read_records
 
 logger = logging.getLogger("cluster.api")
 SUBMIT_ATTEMPTS = 5  # consecutive failed submissions before a job fails (the cluster may be restarting)
@@ -263,7 +263,7 @@ class JobRunner:
         if not job["run_dir"]:
             return
         run_dir = Path(job["run_dir"])
-        records, offset = progress.read_new_metrics(RunFolder(run_dir).metrics, job["metrics_offset"])
+        records, offset = read_records(RunFolder(run_dir).metrics, job["metrics_offset"])
         if records:
             total, tokens = job["total_steps"], None
             events = []

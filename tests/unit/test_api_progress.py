@@ -8,6 +8,7 @@ from pathlib import Path
 from cluster.api import progress
 from cluster.api.runner import JobRunner
 from cluster.api.store import Store
+from core.run_folder import read_records
 from tests.unit.test_api_store import job_row
 
 
@@ -42,13 +43,13 @@ def test_metrics_messages_read_like_openai_events():
 def test_only_complete_lines_are_read(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps(REPORTS[0]) + "\n" + '{"step": 3, "lo')
-    records, offset = progress.read_new_metrics(path, 0)
+    records, offset = read_records(path, 0)
     assert [r["step"] for r in records] == [2]
     with open(path, "a") as f:
         f.write('ss": 0.5}\n')
-    more, offset = progress.read_new_metrics(path, offset)
+    more, offset = read_records(path, offset)
     assert more == [{"step": 3, "loss": 0.5}] and offset == path.stat().st_size
-    assert progress.read_new_metrics(tmp_path / "missing.jsonl", 7) == ([], 7)
+    assert read_records(tmp_path / "missing.jsonl", 7) == ([], 7)
 
 
 def test_checkpoints_are_found_by_their_trainer_state(tmp_path):
