@@ -294,8 +294,8 @@ class ServeConfig(_Section):
     api_keys_env: str = Field("RAYFINE_API_KEYS", description="env var holding comma-separated API keys")
     max_input_tokens: int = Field(512, ge=1)
     max_new_tokens: int = Field(256, ge=1)
-    max_request_bytes: int = Field(1_048_576, ge=1024, description="a larger request body gets 413 before it "
-                                   "is read")
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="a larger request body gets 413 (never held in "
+                                   "memory)")
     max_inputs_per_request: int = Field(256, ge=1, description="texts, questions or prompts in one request; "
                                         "more get 400")
     trust_remote_code: bool = Field(
