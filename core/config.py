@@ -94,6 +94,11 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    method: Literal["sft", "dpo"] = Field(
+        "sft", description="causal_lm: sft = supervised (chat, prompt/completion, text); dpo = preference tuning "
+        "on OpenAI's preference records (input, preferred_output, non_preferred_output)")
+    beta: float = Field(0.1, gt=0.0, le=100.0, description="dpo: how far the policy may move from the reference "
+                        "model (higher = closer); the sigmoid loss is -log sigmoid(beta * margin)")
     epochs: int = Field(3, ge=1)
     learning_rate: float = Field(5e-5, gt=0.0)
     batch_size: int = Field(16, ge=1, description="examples per worker per micro-step")
@@ -358,6 +363,12 @@ def contradictions(cfg: RunConfig) -> list[str]:
     ds = cfg.deepspeed
     if ds.precision in ("bf16", "fp16") and cfg.scaling.use_gpu is False:
         problems.append(f"deepspeed.precision: {ds.precision} needs a GPU; use fp32 or auto with scaling.use_gpu: false")
+    if cfg.training.method == "dpo" and cfg.task != "causal_lm":
+        problems.append(f"training.method: dpo tunes a causal LM on preference pairs; set task: causal_lm "
+                        f"(task is {cfg.task})")
+    if cfg.training.method == "dpo" and cfg.data.packing:
+        problems.append("data.packing: not used with training.method dpo (each pair's two outputs run as whole "
+                        "sequences); set data.packing: false")
     if cfg.task == "question_answering" and 2 * cfg.data.doc_stride >= cfg.data.max_seq_length:
         problems.append(f"data.doc_stride: {cfg.data.doc_stride} must be less than half data.max_seq_length "
                         f"({cfg.data.max_seq_length}), or windows would barely advance")

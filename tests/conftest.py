@@ -78,6 +78,20 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """OpenAI preference records: the right capital is preferred to another country's. A tiny model at random
+    init has no preference between them (evaluation reward accuracy about 0.5 after a first step); DPO teaches
+    it each country's own."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        (country, capital), (_, wrong) = rng.sample(FACTS[:4], 2)
+        rows.append({"input": {"messages": [{"role": "user", "content": f"what is the capital of {country}?"}]},
+                     "preferred_output": [{"role": "assistant", "content": f"the capital is {capital}"}],
+                     "non_preferred_output": [{"role": "assistant", "content": f"the capital is {wrong}"}]})
+    return rows
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64) with the MiniLM tokenizer (no chat template: rayfine adds its default)."""

@@ -237,11 +237,12 @@ def tokenize_batch(batch: dict[str, np.ndarray], cfg: RunConfig, labels: LabelSp
     """Ray Data UDF: the model inputs of a batch of records (records with a problem are dropped)."""
     from training.tasks import get_adapter
 
+    adapter = get_adapter(cfg)
     ok = np.asarray(batch["_error"]) == ""
     clean = {k: np.asarray(v)[ok] for k, v in batch.items()}
     if not ok.any():
-        return {"input_ids": [], "length": np.zeros(0, dtype=np.int32), "labels": np.zeros(0, np.int64)}
-    return get_adapter(cfg).tokenize(clean, process_tokenizer(cfg), labels, truncate=truncate)
+        return adapter.empty_tokens()
+    return adapter.tokenize(clean, process_tokenizer(cfg), labels, truncate=truncate)
 
 
 def tokenized(records, cfg: RunConfig, labels: LabelSpace | None, max_tasks: int = 2):

@@ -107,6 +107,9 @@ class ProgressPrinter(threading.Thread):
         self.flush()
 
 
+COUNTS = ("eval_num_examples", "eval_num_pairs")  # sizes, not scores: left out of the progress line
+
+
 def format_progress(m: dict, total_steps: int, elapsed: float) -> str:
     step = m.get("step", 0)
     parts = [f"step {step:>5}/{total_steps}"]
@@ -114,12 +117,14 @@ def format_progress(m: dict, total_steps: int, elapsed: float) -> str:
         parts.append(f"epoch {m['epoch']:.2f}")
     if "loss" in m:
         parts.append(f"loss {m['loss']:.4f}")
+    if "reward_accuracy" in m:  # DPO
+        parts.append(f"reward acc {m['reward_accuracy']:.2f} margin {m['reward_margin']:.3f}")
     if "lr" in m:
         parts.append(f"lr {m['lr']:.2e}")
     if "samples_per_second" in m:
         parts.append(f"{m['samples_per_second']:.1f} samples/s")
     evals = [f"{k.removeprefix('eval_')} {v:.4f}" for k, v in m.items()
-             if k.startswith("eval_") and isinstance(v, (int, float)) and k != "eval_num_examples"]
+             if k.startswith("eval_") and isinstance(v, (int, float)) and k not in COUNTS]
     if evals:
         parts.append("eval: " + ", ".join(evals))
     if step and total_steps and not m.get("final"):
@@ -163,6 +168,7 @@ MATERIALIZE_MAX_TOKENS = 20_000_000
 def build_datasets(cfg: RunConfig, labels, summary=None) -> dict:
     """The tokenized splits of a run; with the pre-flight ``summary``, the small ones materialized."""
     from training.data import Splits, tokenized
+    from training.tasks import get_adapter
 
     splits = Splits(cfg)
     datasets = {"train": tokenized(splits.records("train"), cfg, labels),
@@ -175,6 +181,8 @@ def build_datasets(cfg: RunConfig, labels, summary=None) -> dict:
             tokens = summary.length_stats(split, cfg.data.max_seq_length).get("tokens")
             if tokens is not None and tokens <= MATERIALIZE_MAX_TOKENS:
                 datasets[split] = dataset.materialize()
+    if get_adapter(cfg).reference_pass:  # DPO: every rank scores a share of the whole train split once
+        datasets["reference"] = datasets["train"]
     return datasets
 
 

@@ -62,6 +62,10 @@ class PredictBatch:
             model_dir, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code).eval()
         self.labels = labels
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self.reference = None  # DPO: rewards are measured against the model training started from
+        if cfg.training.method == "dpo":
+            self.reference = transformers.AutoModelForCausalLM.from_pretrained(
+                cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -75,7 +79,9 @@ class PredictBatch:
                 chunk = {k: (v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx]) for k, v in enc.items()}
                 chunk = {k: (np.asarray(v, dtype=object) if isinstance(v, list) else v) for k, v in chunk.items()}
                 inputs = {k: torch.as_tensor(v) for k, v in self.adapter.collate(chunk, self.pad_id).items()}
-                out = self.model(**inputs)
+                if self.reference is not None:
+                    inputs["ref_logps"] = self.adapter.logps(self.reference, inputs)
+                out = self.adapter.forward(self.model, inputs)
                 results += self.adapter.eval_outputs(chunk, inputs, out)
                 losses += [float(out.loss)] * len(idx)
         return {"result": [json.dumps(r) for r in results], "loss": np.asarray(losses)}

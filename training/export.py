@@ -58,7 +58,8 @@ _USAGE = {
 }
 PIPELINE_TAGS = {"sequence_classification": "text-classification", "token_classification": "token-classification",
                  "question_answering": "question-answering"}
-METRICS = ("accuracy", "exact_match", "f1", "precision", "recall", "loss", "num_examples")
+METRICS = ("accuracy", "exact_match", "f1", "precision", "recall", "loss", "perplexity", "reward_accuracy",
+           "reward_margin", "rewards_chosen", "rewards_rejected", "num_examples", "num_pairs")
 
 
 def write_model_card(model_dir: Path, cfg: RunConfig, evaluation: dict) -> None:
@@ -77,6 +78,7 @@ def write_model_card(model_dir: Path, cfg: RunConfig, evaluation: dict) -> None:
     usage = _USAGE.get(cfg.task, "").format(  # model_dir is a staging folder
         path=Path(cfg.run_dir, "model"), max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, n_best=d.n_best,
         max_answer_length=d.max_answer_length)
+    method = f", DPO with beta {t.beta}" if t.method == "dpo" else ""
     text = f"""---
 library_name: transformers
 pipeline_tag: {PIPELINE_TAGS.get(cfg.task, cfg.task)}
@@ -84,7 +86,7 @@ base_model: {cfg.model.name_or_path}
 ---
 # {cfg.output.name}
 
-Fine-tuned with rayfine ({cfg.task}) from `{cfg.model.name_or_path}`.
+Fine-tuned with rayfine ({cfg.task}{method}) from `{cfg.model.name_or_path}`.
 
 ## Evaluation
 | split | metric | value |

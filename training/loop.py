@@ -25,6 +25,7 @@ from core.run_folder import TRAINER_STATE
 from training.tasks.base import LabelSpace
 
 DS_TAG = "ds"
+REFERENCE_FILE = "reference_logps.npz"  # DPO without LoRA: the initial model's scores, kept with checkpoints
 logger = logging.getLogger(__name__)  # in the workers: their lines go to Ray's log folder; rank 0 logs
 
 
@@ -175,8 +176,12 @@ def _to_device(arrays: dict[str, np.ndarray], device):
 
 
 def _match_dtype(inputs: dict, dtype) -> dict:
-    """Float inputs (packed 4D attention masks) follow the engine's compute dtype."""
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    """A float attention mask (packed 4D) follows the engine's compute dtype; other inputs keep theirs (DPO's
+    reference scores stay float32)."""
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.is_floating_point():
+        inputs = {**inputs, "attention_mask": mask.to(dtype)}
+    return inputs
 
 
 class Worker:
@@ -210,6 +215,8 @@ class Worker:
         self.state = TrainState()
         self.resumed_from_step = 0
         self.log_window: list[float] = []
+        self.metric_window: dict[str, list[float]] = {}  # the task's batch metrics besides the loss
+        self.reference: dict[str, np.ndarray] | None = None  # pair id -> initial model's scores (DPO)
         self.window_start = time.perf_counter()
         self.window_samples = 0
         self.window_tokens = 0
@@ -243,6 +250,7 @@ class Worker:
             from training.lora import apply_lora
 
             model = apply_lora(model, self.cfg)
+        self.adapter.prepare_model(model)
         precision = "bf16" if "bf16" in self.ds_config else "fp16" if "fp16" in self.ds_config else "fp32"
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
         self.engine, _, _, _ = deepspeed.initialize(
@@ -267,6 +275,9 @@ class Worker:
             if self.state.finished:
                 return True
             self.engine.load_checkpoint(path, tag=DS_TAG)
+            if self.adapter.reference_pass:
+                with np.load(Path(path) / REFERENCE_FILE) as saved:
+                    self.reference = {k: saved[k] for k in saved.files}
         return False
 
     # ---- reporting ------------------------------------------------------------------------------
@@ -285,6 +296,8 @@ class Worker:
                 self.engine.save_checkpoint(tmp, tag=DS_TAG)  # every rank writes its own ZeRO shard
                 if self.rank == 0:
                     (Path(tmp) / TRAINER_STATE).write_text(json.dumps(asdict(self.state)))
+                    if self.reference is not None:
+                        np.savez(Path(tmp) / REFERENCE_FILE, **self.reference)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         self.window_start = time.perf_counter()  # throughput excludes evaluation and checkpoint time
 
@@ -297,11 +310,14 @@ class Worker:
         import torch
         import torch.distributed as dist
 
-        window = torch.tensor([sum(self.log_window), len(self.log_window), self.window_tokens], dtype=torch.float64)
+        names = sorted(self.metric_window)  # the same on every rank: the same task
+        window = torch.tensor([sum(self.log_window), len(self.log_window), self.window_tokens]
+                              + [sum(self.metric_window[k]) for k in names], dtype=torch.float64)
         if dist.is_initialized():
             window = window.to(self.device)
             dist.all_reduce(window)
         loss, tokens = window[:2], int(window[2])  # tokens: every worker's
+        task_metrics = {k: float(window[3 + i] / max(loss[1], 1)) for i, k in enumerate(names)}
         self.state.trained_tokens += tokens
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         metrics = {
@@ -314,46 +330,93 @@ class Worker:
             "trained_tokens": self.state.trained_tokens,
             "total_steps": self.plan.total_steps,
             "resumed_from_step": self.resumed_from_step,
+            **task_metrics,
         }
         self.log_window.clear()
+        self.metric_window.clear()
         self.window_start, self.window_samples, self.window_tokens = time.perf_counter(), 0, 0
         return metrics
 
     # ---- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, split: str) -> dict:
-        """Metrics on a full (unsplit) split. Batches are dealt round-robin to ranks; every rank runs the
-        same number of forward passes (ZeRO-3 gathers parameters collectively), then results are gathered."""
+    def inputs_of(self, batch: dict[str, np.ndarray]) -> dict:
+        """A batch's model inputs on this rank's device (with the reference scores when the task uses them)."""
+        if self.reference is not None:
+            batch = with_reference(batch, self.reference)
+        return _match_dtype(_to_device(self.adapter.collate(batch, self.pad_id), self.device), self.dtype)
+
+    def each_batch(self, split: str, fn) -> None:
+        """``fn(batch, inputs)`` on this rank's share of a full (unsplit) split, in eval mode without gradients.
+        Batches are dealt round-robin to ranks; every rank runs the same number of forward passes (ZeRO-3
+        gathers parameters collectively): a rank that got fewer runs its last batch again, unrecorded."""
         import ray.train
         import torch
         import torch.distributed as dist
 
         shard = ray.train.get_dataset_shard(split)
         bs = self.shape.micro_batch_per_worker * 2
-        results, loss_sum, count, passes, pending = [], 0.0, 0, 0, None
+        passes, pending = 0, None
         self.engine.eval()
         with torch.no_grad():
             for i, batch in enumerate(shard.iter_batches(batch_size=bs, batch_format="numpy")):
                 if i % self.world != self.rank:
                     continue
                 pending, passes = batch, passes + 1
-                inputs = _to_device(self.adapter.collate(batch, self.pad_id), self.device)
-                out = self.engine(**inputs)
-                results += self.adapter.eval_outputs(batch, inputs, out)
-                n = len(inputs["input_ids"])
-                loss_sum, count = loss_sum + float(out.loss) * n, count + n
-            # Ranks that got fewer batches run dummy passes, so collectives inside forward stay matched.
+                fn(batch, self.inputs_of(batch))
             most = torch.tensor([passes], device=self.device)
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
             for _ in range(int(most.item()) - passes):
                 if pending is not None:
-                    self.engine(**_to_device(self.adapter.collate(pending, self.pad_id), self.device))
+                    self.adapter.forward(self.engine, self.inputs_of(pending))
         self.engine.train()
+
+    def evaluate(self, split: str) -> dict:
+        """Metrics on a full (unsplit) split, gathered from every rank."""
+        import torch.distributed as dist
+
+        results, totals = [], [0.0, 0]  # loss sum, examples
+
+        def score(batch, inputs):
+            out = self.adapter.forward(self.engine, inputs)
+            results.extend(self.adapter.eval_outputs(batch, inputs, out))
+            n = len(batch["length"])
+            totals[0] += float(out.loss) * n
+            totals[1] += n
+
+        self.each_batch(split, score)
+        loss_sum, count = totals
         gathered = [None] * self.world
         dist.all_gather_object(gathered, (results, loss_sum, count))
         metrics = self.adapter.compute_metrics([r for part in gathered for r in part[0]], self.labels)
         # a task that weighs its loss itself (causal LM: per token) keeps it; else the per-example mean
         metrics.setdefault("loss", sum(p[1] for p in gathered) / max(sum(p[2] for p in gathered), 1))
         return metrics
+
+    def score_reference(self) -> None:
+        """DPO without LoRA: the initial model's log-probabilities of both outputs of every pair of every split,
+        computed once before the first step and shared by all ranks (the reference model is never held)."""
+        import torch.distributed as dist
+
+        from training.tasks.preference import Preference
+
+        started = time.perf_counter()
+        ids, scores = [], []
+
+        def score(batch, inputs):
+            chosen, rejected = Preference.logps(self.engine, inputs).double().chunk(2)
+            ids.append(np.asarray(batch["pair_id"]))
+            scores.append(np.stack([chosen.cpu().numpy(), rejected.cpu().numpy()], axis=1))
+
+        for split in ("reference", "validation", "test"):
+            if split != "test" or self.cfg.data.test is not None:
+                self.each_batch(split, score)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, (ids, scores))
+        all_ids = np.concatenate([a for part in gathered for a in part[0]] or [np.zeros(0, np.int64)])
+        all_scores = np.concatenate([a for part in gathered for a in part[1]] or [np.zeros((0, 2))])
+        order = np.argsort(all_ids, kind="stable")
+        self.reference = {"pair_id": all_ids[order], "chosen": all_scores[order, 0], "rejected": all_scores[order, 1]}
+        self.log(f"reference log-probabilities of {len(np.unique(all_ids)):,} pairs computed with the initial "
+                 f"model in {time.perf_counter() - started:.1f}s")
 
     def eval_report(self) -> dict:
         metrics = self.evaluate("validation")
@@ -403,6 +466,8 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None and w.restore(checkpoint):
         return  # finished before a driver restart; the final checkpoint already holds the model
     resumed = checkpoint is not None
+    if w.adapter.reference_pass and w.reference is None:
+        w.score_reference()
     t = cfg.training
     shard = ray.train.get_dataset_shard("train")
     s = w.state
@@ -414,8 +479,9 @@ def train_loop_per_worker(config: dict) -> None:
             if micro < s.micro_in_epoch:  # resuming mid-epoch: skip what the checkpoint already covers
                 micro += 1
                 continue
-            inputs = _match_dtype(_to_device(w.adapter.collate(batch, w.pad_id), w.device), w.dtype)
-            loss = w.engine(**inputs).loss
+            inputs = w.inputs_of(batch)
+            out = w.adapter.forward(w.engine, inputs)
+            loss = out.loss
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at step {s.global_step + 1}: training diverged; "
                                          "lower training.learning_rate or raise training.warmup_ratio")
@@ -424,11 +490,14 @@ def train_loop_per_worker(config: dict) -> None:
             w.engine.step()
             micro += 1
             s.micro_in_epoch = micro
-            s.samples_seen += len(inputs["input_ids"]) * w.world
-            w.window_samples += len(inputs["input_ids"])
+            examples = len(batch["length"])  # a packed sequence, a record's window, a preference pair
+            s.samples_seen += examples * w.world
+            w.window_samples += examples
             w.window_tokens += int((inputs["input_ids"] != w.pad_id).sum()) if plan.packed else \
                 int(inputs["attention_mask"].sum())
             w.log_window.append(float(loss.detach()))
+            for name, value in w.adapter.batch_metrics(out).items():
+                w.metric_window.setdefault(name, []).append(value)
             epoch_done = not plan.packed and micro >= plan.micro_per_epoch
             if epoch_done:  # a checkpoint taken now must resume at the next epoch's start
                 s.epoch, s.micro_in_epoch = epoch + 1, 0
@@ -446,6 +515,18 @@ def train_loop_per_worker(config: dict) -> None:
             if plan.packed and s.epoch < t.epochs and s.global_step < plan.total_steps:
                 _maybe_report(w, end_of_epoch=True)
     _finish(w)
+
+
+def with_reference(batch: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch with each pair's reference scores, looked up by its ``pair_id``."""
+    ids = np.asarray(batch["pair_id"])
+    at = np.searchsorted(reference["pair_id"], ids).clip(max=max(len(reference["pair_id"]) - 1, 0))
+    if not len(reference["pair_id"]) or (reference["pair_id"][at] != ids).any():
+        raise RuntimeError("a preference pair has no reference score: the data changed since the reference pass "
+                           "(start the run in a new output.name)")
+    from training.tasks.preference import REFERENCE
+
+    return {**batch, REFERENCE[0]: reference["chosen"][at], REFERENCE[1]: reference["rejected"][at]}
 
 
 def _maybe_report(w: Worker, end_of_epoch: bool) -> None:

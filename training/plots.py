@@ -38,8 +38,19 @@ def write_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
             ax.set_xlabel("optimizer step"), ax.set_ylabel(label), ax.grid(alpha=0.3), ax.legend()
             fig.tight_layout(), fig.savefig(out_dir / name, dpi=100), plt.close(fig)
             written.append(out_dir / name)
+    rewards = [r for r in records if "reward_margin" in r or "eval_reward_margin" in r]
+    if rewards:  # DPO: the implicit rewards of chosen and rejected outputs, and their margin
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in ("rewards_chosen", "rewards_rejected", "reward_margin", "eval_reward_margin"):
+            rows = [r for r in rewards if key in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=key)
+        ax.set_xlabel("optimizer step"), ax.set_ylabel("reward (beta x log-ratio)"), ax.grid(alpha=0.3)
+        ax.legend(), fig.tight_layout(), fig.savefig(out_dir / "rewards.png", dpi=100), plt.close(fig)
+        written.append(out_dir / "rewards.png")
     metric_keys = sorted({k for r in evals for k, v in r.items() if k.startswith("eval_")
-                          and k not in ("eval_loss", "eval_num_examples") and isinstance(v, (int, float))})
+                          and k not in ("eval_loss", "eval_num_examples", "eval_num_pairs")
+                          and isinstance(v, (int, float))})
     if evals and metric_keys:
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in metric_keys:

@@ -25,7 +25,12 @@ def sample_prompts(cfg: RunConfig, n: int = NUM_SAMPLES) -> list[dict]:
             for _, record, problem in iter_raw_records(path, fmt):
                 if problem or record is None:
                     continue
-                if "messages" in record:
+                if isinstance(record.get("input"), dict) and "messages" in record["input"]:  # preference pair
+                    preferred = record.get("preferred_output") or [{}]
+                    out.append({"messages": [{"role": m["role"], "content": m["content"]}
+                                             for m in record["input"]["messages"]],
+                                "reference": preferred[0].get("content", "")})
+                elif "messages" in record:
                     msgs = record["messages"]
                     last = max(i for i, m in enumerate(msgs) if m.get("role") == "assistant")
                     out.append({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs[:last]],

@@ -38,7 +38,7 @@ def test_unknown_keys_listed_with_valid_ones(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, bad))
     text = err.value.render()
-    assert "training.lr: unknown key; valid keys here are epochs, learning_rate" in text
+    assert "training.lr: unknown key; valid keys here are method, beta, epochs, learning_rate" in text
     assert "bogus: unknown key" in text
     assert "2 problem(s)" in text
 

@@ -47,9 +47,16 @@ def test_issue_search_space_is_valid_and_typed():
     assert parsed["deepspeed.stage"] == ("grid", [0, 2])
 
 
+def test_dpo_beta_is_searchable():
+    parsed, problems = parse_search_space({"training.beta": {"loguniform": [0.05, 0.5]},
+                                           "training.method": {"choice": ["dpo"]}})
+    assert problems == [] and parsed["training.beta"] == ("loguniform", [0.05, 0.5])
+    assert problems_of(with_space("training.beta: {uniform: [-1.0, 0.5]}")) != ""
+
+
 @pytest.mark.parametrize("space, expected", [
     ("training.lr: {loguniform: [1.0e-5, 1.0e-3]}",
-     "tune.search_space.training.lr: not a config path; valid keys under training are epochs, learning_rate"),
+     "tune.search_space.training.lr: not a config path; valid keys under training are method, beta, epochs"),
     ("model.lora: {choice: [8]}", "tune.search_space.model.lora: not a config path"),
     ("deepspeed.config.zero_optimization: {choice: [1]}", "tune.search_space.deepspeed.config.zero_optimization:"),
     ("tune.num_samples: {choice: [1, 2]}", "tune.search_space.tune.num_samples: not a searchable config path"),

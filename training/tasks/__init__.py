@@ -7,7 +7,8 @@ from training.tasks.base import TaskAdapter
 
 
 def get_adapter(cfg: RunConfig) -> TaskAdapter:
-    """The adapter for ``cfg.task`` (the config schema admits only the four tasks below)."""
+    """The adapter for ``cfg.task`` (the config schema admits only the four tasks below; a causal LM trained
+    with ``training.method: dpo`` reads preference pairs)."""
     if cfg.task == "sequence_classification":
         from training.tasks.sequence_classification import SequenceClassification
 
@@ -20,6 +21,10 @@ def get_adapter(cfg: RunConfig) -> TaskAdapter:
         from training.tasks.question_answering import QuestionAnswering
 
         return QuestionAnswering(cfg)
+    if cfg.training.method == "dpo":
+        from training.tasks.preference import Preference
+
+        return Preference(cfg)
     from training.tasks.causal_lm import CausalLM
 
     return CausalLM(cfg)

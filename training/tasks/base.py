@@ -97,6 +97,7 @@ class TaskAdapter:
     auto_model: str = ""  # the transformers Auto class of the task's head, e.g. AutoModelForSequenceClassification
     has_labels: bool = False  # records carry class labels (counted in pre-flight, saved with the model)
     label_option: str = "data.label_column"  # the config key that names the labels, for messages
+    reference_pass: bool = False  # the loop scores every record with the initial model before training (DPO)
 
     def __init__(self, cfg: "RunConfig"):
         self.cfg = cfg
@@ -143,8 +144,26 @@ class TaskAdapter:
     def collate(self, batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    @staticmethod
+    def empty_tokens() -> dict[str, Any]:
+        """What ``tokenize`` gives for a batch with no usable record (the task's columns, no rows)."""
+        return {"input_ids": [], "length": np.zeros(0, dtype=np.int32), "labels": np.zeros(0, np.int64)}
+
     def model_kwargs(self, labels: LabelSpace | None) -> dict[str, Any]:
         """``from_pretrained`` arguments of the task's head."""
+        return {}
+
+    @staticmethod
+    def prepare_model(model) -> None:
+        """Adjust the model before the engine wraps it (e.g. no dropout)."""
+
+    def forward(self, model, inputs: dict):
+        """The model's outputs on a collated batch; ``.loss`` is what training minimizes."""
+        return model(**inputs)
+
+    @staticmethod
+    def batch_metrics(outputs) -> dict[str, float]:
+        """Training metrics of one micro-batch besides the loss, averaged over the logging window."""
         return {}
 
     def eval_outputs(self, batch: dict[str, np.ndarray], inputs: dict, outputs) -> list[dict]:
