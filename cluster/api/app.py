@@ -305,7 +305,8 @@ def _new_job(settings: ApiSettings, store: Store, request: protocol.JobCreateReq
                             f"{', '.join(sorted(settings.base_models))}.", param="model", code="model_not_found")
     train = _job_file(store, request.training_file, "training_file")
     validation = _job_file(store, request.validation_file, "validation_file")
-    hp = resolve(base.config, hp_in.n_epochs, hp_in.batch_size, hp_in.learning_rate_multiplier)
+    hp = resolve(base.config, hp_in.n_epochs, hp_in.batch_size, hp_in.learning_rate_multiplier,
+                 method=request.method_type, beta=hp_in.beta)
     seed = request.seed if request.seed is not None else base.config.training.seed
     job_id = new_id("ftjob")
     fine_tuned_model = f"ft:{base.name}:{request.suffix or ''}:{job_id}"
@@ -315,6 +316,7 @@ def _new_job(settings: ApiSettings, store: Store, request: protocol.JobCreateReq
     return {"id": job_id, "model": base.name, "training_file": train["id"],
             "validation_file": validation["id"] if validation else None, "hyperparameters": hp.public(),
             "suffix": request.suffix, "seed": seed, "metadata": request.metadata, "status": "validating_files",
+            "method": request.method_type,
             "error": None, "fine_tuned_model": fine_tuned_model, "created_at": int(time.time()),
             "finished_at": None, "ray_job_id": f"rayfine-{job_id}", "submitted": 0, "run_dir": None,
             "metrics_offset": 0, "total_steps": None, "trained_tokens": None,

@@ -11,6 +11,8 @@ A job's config is the operator's base config with only these keys changed (TRAPS
   multiple of ``W``), in micro-batches no larger than the base ``training.batch_size`` (the size the operator
   knows fits in memory): ``gradient_accumulation_steps`` is the fewest micro-batches of equal size;
 - ``seed`` -> ``training.seed``;
+- ``method.type`` -> ``training.method`` (``supervised`` -> ``sft``, ``dpo`` -> ``dpo``, which needs a causal-LM
+  base model and turns ``data.packing`` off), and ``beta`` (DPO only) -> ``training.beta``;
 - ``"auto"`` (or leaving a key out) keeps the base config's value.
 
 Then ``data.train``/``data.validation`` become the stored files, ``data.test`` is dropped (a job evaluates on
@@ -41,10 +43,13 @@ class Hyperparameters:
     per_worker_batch_size: int
     gradient_accumulation_steps: int
     learning_rate: float
+    method: str = "supervised"  # OpenAI's method.type
+    beta: Optional[float] = None  # dpo
 
     def public(self) -> dict[str, Union[int, float]]:
-        return {"n_epochs": self.n_epochs, "batch_size": self.batch_size,
-                "learning_rate_multiplier": self.learning_rate_multiplier}
+        out = {"n_epochs": self.n_epochs, "batch_size": self.batch_size,
+               "learning_rate_multiplier": self.learning_rate_multiplier}
+        return out | ({"beta": self.beta} if self.method == "dpo" else {})
 
 
 def base_total_batch(base: RunConfig) -> int:
@@ -70,9 +75,13 @@ def split_batch(total: int, workers: int, max_micro: int) -> tuple[int, int]:
 
 
 def resolve(base: RunConfig, n_epochs: Auto = "auto", batch_size: Auto = "auto",
-            learning_rate_multiplier: Auto = "auto") -> Hyperparameters:
+            learning_rate_multiplier: Auto = "auto", method: str = "supervised",
+            beta: Auto = "auto") -> Hyperparameters:
     """Map OpenAI hyperparameters onto ``base``; ``"auto"``/None keep the base value."""
     t = base.training
+    if method == "dpo" and base.task != "causal_lm":
+        raise APIError(400, f"method dpo tunes a causal language model; this base model is {base.task}.",
+                       param="method.type", code="invalid_method")
     epochs = t.epochs if _auto(n_epochs) else int(n_epochs)
     multiplier = 1.0 if _auto(learning_rate_multiplier) else float(learning_rate_multiplier)
     if _auto(batch_size):
@@ -80,7 +89,8 @@ def resolve(base: RunConfig, n_epochs: Auto = "auto", batch_size: Auto = "auto",
     else:
         total = int(batch_size)
         micro, accumulation = split_batch(total, base.scaling.num_workers, t.batch_size)
-    return Hyperparameters(epochs, total, multiplier, micro, accumulation, t.learning_rate * multiplier)
+    return Hyperparameters(epochs, total, multiplier, micro, accumulation, t.learning_rate * multiplier, method,
+                           (t.beta if _auto(beta) else float(beta)) if method == "dpo" else None)
 
 
 def _auto(value: Auto) -> bool:
@@ -100,7 +110,11 @@ def build_job_config(base: RunConfig, hp: Hyperparameters, *, seed: int, train_p
     raw = base.model_dump(mode="json")
     raw["data"].update(train=train_path, validation=validation_path, test=None, format="jsonl")
     raw["training"].update(epochs=hp.n_epochs, learning_rate=hp.learning_rate, batch_size=hp.per_worker_batch_size,
-                           gradient_accumulation_steps=hp.gradient_accumulation_steps, seed=seed)
+                           gradient_accumulation_steps=hp.gradient_accumulation_steps, seed=seed,
+                           method="dpo" if hp.method == "dpo" else "sft")
+    if hp.method == "dpo":
+        raw["training"]["beta"] = hp.beta
+        raw["data"]["packing"] = False  # an SFT optimization; DPO runs each output whole
     raw["tune"] = TuneConfig().model_dump(mode="json")
     raw["output"] = {"dir": storage, "name": job_id, "model_id": model_id}
     try:

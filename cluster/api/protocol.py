@@ -24,13 +24,24 @@ class HyperparametersIn(_Request):
     learning_rate_multiplier: Union[Literal["auto"], Annotated[float, Field(gt=0, le=100)]] = "auto"
 
 
+class DpoHyperparametersIn(HyperparametersIn):
+    beta: Union[Literal["auto"], Annotated[float, Field(gt=0, le=100)]] = "auto"
+
+
 class SupervisedIn(_Request):
     hyperparameters: Optional[HyperparametersIn] = None
 
 
+class DpoIn(_Request):
+    hyperparameters: Optional[DpoHyperparametersIn] = None
+
+
 class MethodIn(_Request):
-    type: Literal["supervised"]
+    """OpenAI's ``method``: ``{"type": "supervised", "supervised": {...}}`` or ``{"type": "dpo", "dpo": {...}}``."""
+
+    type: Literal["supervised", "dpo"]
     supervised: Optional[SupervisedIn] = None
+    dpo: Optional[DpoIn] = None
 
 
 class JobCreateRequest(_Request):
@@ -45,15 +56,29 @@ class JobCreateRequest(_Request):
                                  Field(max_length=16)]] = None
     integrations: Optional[list[Any]] = None
 
-    def chosen_hyperparameters(self) -> HyperparametersIn:
-        """``method.supervised.hyperparameters`` (the newer form) or the top-level ``hyperparameters``."""
-        nested = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
-        if nested is not None and self.hyperparameters is not None and nested != self.hyperparameters:
-            from cluster.api.errors import APIError
+    @property
+    def method_type(self) -> str:
+        """``supervised`` (OpenAI's default) or ``dpo``."""
+        return self.method.type if self.method else "supervised"
 
-            raise APIError(400, "Give hyperparameters either at the top level or in method.supervised, not both.",
+    def chosen_hyperparameters(self) -> DpoHyperparametersIn:
+        """``method.<type>.hyperparameters`` (the newer form) or the top-level ``hyperparameters`` (``beta`` only
+        in ``method.dpo``)."""
+        from cluster.api.errors import APIError
+
+        kind = self.method_type
+        other = "supervised" if kind == "dpo" else "dpo"
+        if self.method and getattr(self.method, other) is not None:
+            raise APIError(400, f"method.type is '{kind}' but method.{other} is given; send method.{kind}.",
+                           param=f"method.{other}", code="invalid_request")
+        section = getattr(self.method, kind) if self.method else None
+        nested = section.hyperparameters if section else None
+        if nested is not None and self.hyperparameters is not None and (
+                nested.model_dump(exclude={"beta"}) != self.hyperparameters.model_dump()):
+            raise APIError(400, f"Give hyperparameters either at the top level or in method.{kind}, not both.",
                            param="hyperparameters", code="invalid_request")
-        return nested or self.hyperparameters or HyperparametersIn()
+        chosen = nested or self.hyperparameters or HyperparametersIn()
+        return DpoHyperparametersIn(**chosen.model_dump())
 
 
 # ---- responses ---------------------------------------------------------------------------------------------
@@ -80,7 +105,8 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "trained_tokens": row["trained_tokens"] if row["status"] == "succeeded" else None, "error": row["error"],
         "estimated_finish": row.get("estimated_finish") if row["status"] == "running" else None,
         "integrations": [], "metadata": row["metadata"], "user_provided_suffix": row["suffix"],
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "method": {"type": row.get("method") or "supervised",
+                   row.get("method") or "supervised": {"hyperparameters": hp}},
     }
 
 

@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     seed INTEGER NOT NULL, metadata TEXT, status TEXT NOT NULL, error TEXT, fine_tuned_model TEXT NOT NULL,
     created_at INTEGER NOT NULL, finished_at INTEGER, ray_job_id TEXT NOT NULL, submitted INTEGER NOT NULL DEFAULT 0,
     run_dir TEXT, metrics_offset INTEGER NOT NULL DEFAULT 0, total_steps INTEGER, trained_tokens INTEGER,
-    config TEXT NOT NULL, estimated_finish INTEGER);
+    config TEXT NOT NULL, estimated_finish INTEGER, method TEXT);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
     created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     step INTEGER NOT NULL, created_at INTEGER NOT NULL, metrics TEXT NOT NULL, UNIQUE (job_id, name));
 """
 # Columns added after the first release: (table, column, type), added to an older database when it is opened.
-_ADDED_COLUMNS = (("jobs", "estimated_finish", "INTEGER"),)
+_ADDED_COLUMNS = (("jobs", "estimated_finish", "INTEGER"), ("jobs", "method", "TEXT"))
 _JSON_COLUMNS = {"hyperparameters", "metadata", "error", "data", "metrics", "config"}
 
 

@@ -4,7 +4,8 @@ Two moments:
 
 - upload (``check_upload``): the file must be JSON lines, one object per line, and its records must pass the
   per-record checks ``rayfine validate`` applies (the task adapters' ``parse_record``) for at least one base
-  model (with one task served, that task's checks);
+  model (with one task served, that task's checks), a causal-LM base model's with either method: supervised
+  (chat, prompt/completion) or DPO (preference pairs), since the method is chosen later, at job creation;
 - job creation (``check_job_files``, status ``validating_files``): the training and validation files against
   the chosen base model's task and columns, plus the checks across records that training would stop on: no
   usable records, fewer than two labels, a validation label the training file never has, a held-out split
@@ -74,15 +75,27 @@ def _adapter(cfg: RunConfig):
 
 
 def _check_key(cfg: RunConfig) -> str:
-    """Base configs with the same task and column settings check records the same way."""
+    """Base configs with the same task, method and column settings check records the same way."""
     data = cfg.data.model_dump(exclude={"train", "validation", "test", "format"})
-    return json.dumps([cfg.task, data], sort_keys=True, default=str)
+    return json.dumps([cfg.task, cfg.training.method, data], sort_keys=True, default=str)
+
+
+def _with_methods(configs: dict[str, RunConfig]) -> dict[str, RunConfig]:
+    """Each base config, and for a causal LM also as the other method would train it (sft or dpo)."""
+    out = dict(configs)
+    for name, cfg in configs.items():
+        if cfg.task == "causal_lm":
+            other = "sft" if cfg.training.method == "dpo" else "dpo"
+            out[f"{name} ({other})"] = cfg.model_copy(update={
+                "training": cfg.training.model_copy(update={"method": other}),
+                "data": cfg.data.model_copy(update={"packing": False})})
+    return out
 
 
 def check_upload(path: Path, configs: dict[str, RunConfig]) -> tuple[int, Optional[str]]:
     """Check an uploaded file; returns ``(records, None)`` or ``(records, message)`` naming the lines."""
     checkers: dict[str, tuple[list[str], Any, Problems]] = {}
-    for name, cfg in configs.items():
+    for name, cfg in _with_methods(configs).items():
         key = _check_key(cfg)
         if key in checkers:
             checkers[key][0].append(name)
@@ -102,9 +115,14 @@ def check_upload(path: Path, configs: dict[str, RunConfig]) -> tuple[int, Option
         return records, None
     if len(checkers) == 1:
         (_, adapter, problems), = checkers.values()
-        return records, f"{problems.total} problem(s) for {adapter.name} data: {problems.summary()}"
-    parts = [f"for {', '.join(names)} ({adapter.name}): {p.summary()}" for names, adapter, p in checkers.values()]
+        return records, f"{problems.total} problem(s) for {_kind(adapter)} data: {problems.summary()}"
+    parts = [f"for {', '.join(names)} ({_kind(adapter)}): {p.summary()}" for names, adapter, p in checkers.values()]
     return records, "the records fit none of the base models: " + " | ".join(parts)
+
+
+def _kind(adapter) -> str:
+    """What data an adapter reads, for messages: the task, and the method of a causal LM."""
+    return f"{adapter.name} {adapter.cfg.training.method}" if adapter.name == "causal_lm" else adapter.name
 
 
 def _parse(adapter, record: dict, line: int, problems: Problems) -> Optional[dict]:

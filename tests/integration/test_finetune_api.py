@@ -1,11 +1,11 @@
 """``rayfine api`` end to end: the real server process, a real Ray cluster (head + worker node, token auth) and
 the official ``openai`` package.
 
-One tiny BERT base model. In order: a malformed upload is refused naming its line; a job whose validation file
+A tiny BERT base model and a tiny Llama. In order: a malformed upload is refused naming its line; a job whose validation file
 has a label the training file lacks fails in validating_files; a job is cancelled once it runs as a Ray job
 (and its Ray job is stopped); a job runs to succeeded while the server is restarted mid-run (the restarted
 server reconciles it from Ray and the run folder); its fine-tuned model, run folder and checkpoints are
-checked; a final restart lists every job with the same status.
+checked; a final restart lists every job with the same status; a DPO job on the Llama runs to succeeded.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.integration
 
 API_KEY = "sk-rayfine-test"
 BASE = "tiny"
+LM = "tiny-lm"
 
 
 def free_port() -> int:
@@ -41,10 +42,10 @@ def free_port() -> int:
 class ApiServer:
     """``rayfine api`` as a subprocess; ``restart`` keeps its data dir and port."""
 
-    def __init__(self, base_config: Path, ray_head, data_dir: Path, log: Path):
+    def __init__(self, base_config: Path, lm_config: Path, ray_head, data_dir: Path, log: Path):
         self.port = free_port()
         self.log = log
-        self.cmd = [str(Path(sys.executable).parent / "rayfine"), "api", f"{BASE}={base_config}",
+        self.cmd = [str(Path(sys.executable).parent / "rayfine"), "api", f"{BASE}={base_config}", f"{LM}={lm_config}",
                     "--address", ray_head.address, "--data-dir", str(data_dir),
                     "--storage", str(ray_head.storage / "api-runs"), "--port", str(self.port)]
         self.env = dict(ray_head.env) | {"RAYFINE_API_KEYS": API_KEY}
@@ -84,7 +85,7 @@ class ApiServer:
 
 
 @pytest.fixture(scope="module")
-def api(ray_head, tiny_bert, tmp_path_factory):
+def api(ray_head, tiny_bert, tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finetune-api")
     default_train = write_jsonl(tmp / "default-train.jsonl", sentiment_rows(32, seed=9))
     base = tmp / "tiny.yaml"
@@ -97,7 +98,14 @@ def api(ray_head, tiny_bert, tmp_path_factory):
         "deepspeed": {"stage": 2},
         "scaling": {"num_workers": 1, "use_gpu": False},
     }))
-    server = ApiServer(base, ray_head, tmp / "data", tmp / "server.log")
+    lm = tmp / "tiny-lm.yaml"
+    lm.write_text(yaml.safe_dump({
+        "task": "causal_lm", "model": {"name_or_path": str(tiny_llama)},
+        "data": {"train": str(default_train), "max_seq_length": 48},
+        "training": {"epochs": 1, "learning_rate": 5e-3, "batch_size": 8, "warmup_ratio": 0.0, "log_every_steps": 1},
+        "deepspeed": {"stage": 2}, "scaling": {"num_workers": 1, "use_gpu": False},
+    }))
+    server = ApiServer(base, lm, ray_head, tmp / "data", tmp / "server.log")
     server.start()
     yield server
     server.stop()
@@ -237,3 +245,23 @@ def test_a_restart_keeps_every_job_and_status(api, sdk):
     assert after == before
     assert len(list(sdk.files.list())) == 5
     assert os.path.isfile(Path(api.cmd[api.cmd.index("--data-dir") + 1]) / "api.sqlite3")
+
+
+def test_a_dpo_job_runs_to_succeeded(sdk, ray_head):
+    from tests.conftest import preference_rows
+
+    train = upload(sdk, preference_rows(32, seed=6), "pairs.jsonl")
+    val = upload(sdk, preference_rows(8, seed=7), "pairs-val.jsonl")
+    job = sdk.fine_tuning.jobs.create(model=LM, training_file=train.id, validation_file=val.id, suffix="dpo",
+                                      method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.25
+    done = wait_for(sdk, job.id, {"succeeded", "failed"}, timeout=240)
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:{LM}:dpo:{job.id}" and done.method.type == "dpo"
+    run_dir = ray_head.storage / "api-runs" / job.id
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["training"]["method"] == "dpo" and config["training"]["beta"] == 0.25
+    validation = json.loads((run_dir / "eval.json").read_text())["validation"]
+    assert validation["num_pairs"] == 8 and 0.0 <= validation["reward_accuracy"] <= 1.0
+    messages = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert any("final validation loss=" in m for m in messages), messages

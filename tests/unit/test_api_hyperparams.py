@@ -81,6 +81,24 @@ def test_job_config_is_the_base_plus_hyperparameters_only():
     assert base.training.epochs == 3 and base.output.name == "operator-run"  # the base config is not changed
 
 
+def test_method_dpo_sets_the_training_method_and_beta():
+    base = load_config(raw={"task": "causal_lm", "model": {"name_or_path": "m"},
+                            "data": {"train": "t.jsonl", "validation": "v.jsonl", "packing": True},
+                            "training": {"beta": 0.2}})
+    auto = resolve(base, method="dpo")
+    assert auto.public()["beta"] == 0.2  # "auto": the base config's beta
+    hp = resolve(base, method="dpo", beta=0.5)
+    cfg = build_job_config(base, hp, seed=1, train_path="/f/a.jsonl", validation_path=None, storage="/r",
+                           job_id="ftjob-d", model_id="ft:m::ftjob-d")
+    assert (cfg.training.method, cfg.training.beta, cfg.data.packing) == ("dpo", 0.5, False)
+    sft = build_job_config(base, resolve(base), seed=1, train_path="/f/a.jsonl", validation_path=None,
+                           storage="/r", job_id="ftjob-s", model_id="ft:m::ftjob-s")
+    assert sft.training.method == "sft" and sft.data.packing and "beta" not in resolve(base).public()
+    with pytest.raises(APIError) as err:
+        resolve(base_config(), method="dpo")
+    assert err.value.status == 400 and "method dpo tunes a causal language model" in err.value.message
+
+
 def test_a_base_that_holds_out_nothing_needs_a_validation_file():
     base = base_config()
     base = base.model_copy(update={"data": base.data.model_copy(update={"validation_split": 0.0})})

@@ -90,3 +90,40 @@ def test_jobs_events_and_pagination_through_the_sdk(sdk):
     assert list(sdk.fine_tuning.jobs.checkpoints.list(job.id)) == []
     with pytest.raises(openai.BadRequestError):
         sdk.fine_tuning.jobs.cancel(job.id)
+
+
+def test_a_dpo_job_through_the_sdk_reports_its_method(tmp_path):
+    import yaml
+
+    from cluster.api.settings import load_base_models
+    from tests.conftest import preference_rows
+
+    lm = tmp_path / "lm.yaml"
+    lm.write_text(yaml.safe_dump({"task": "causal_lm", "model": {"name_or_path": "some-lm"},
+                                  "data": {"train": "unused.jsonl", "packing": True},
+                                  "training": {"batch_size": 4, "beta": 0.2}, "scaling": {"num_workers": 1}}))
+    settings = make_settings(tmp_path, api_keys=frozenset({"sk-test"}))
+    settings.base_models |= load_base_models([str(lm)])
+    with running_server(build_app(settings)) as url:
+        sdk = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+        pairs = sdk.files.create(file=jsonl_file(preference_rows(100), "pairs.jsonl"), purpose="fine-tune")
+        job = sdk.fine_tuning.jobs.create(model="lm", training_file=pairs.id, method={
+            "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3, "n_epochs": 1}}})
+        assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.3
+        assert job.method.dpo.hyperparameters.n_epochs == 1
+        auto = sdk.fine_tuning.jobs.create(model="lm", training_file=pairs.id, method={"type": "dpo"})
+        assert sdk.fine_tuning.jobs.retrieve(auto.id).method.dpo.hyperparameters.beta == 0.2  # the base's beta
+        sft = sdk.fine_tuning.jobs.create(model="lm", training_file=pairs.id)
+        assert sft.method.type == "supervised"
+        deadline = time.time() + 20  # the same file, checked as chat data by the supervised job: it fails
+        while (sft := sdk.fine_tuning.jobs.retrieve(sft.id)).status == "validating_files" and time.time() < deadline:
+            time.sleep(0.05)
+        assert sft.status == "failed" and sft.error.code == "invalid_training_file"
+        assert "line 1: expected 'messages' (chat)" in sft.error.message
+        with pytest.raises(openai.BadRequestError) as err:
+            sdk.fine_tuning.jobs.create(model="minilm", training_file=pairs.id, method={"type": "dpo"})
+        assert err.value.code == "invalid_method"
+        with pytest.raises(openai.BadRequestError) as err:
+            sdk.fine_tuning.jobs.create(model="lm", training_file=pairs.id, method={
+                "type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 1}}})
+        assert "method.type is 'dpo' but method.supervised is given" in err.value.message

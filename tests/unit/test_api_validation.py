@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cluster.api.validation import check_job_files, check_upload
 from core.config import load_config
-from tests.conftest import chat_rows, sentiment_rows, write_jsonl
+from tests.conftest import chat_rows, preference_rows, sentiment_rows, write_jsonl
 
 
 def config(task: str = "sequence_classification", **data):
@@ -61,7 +61,28 @@ def test_with_several_tasks_a_file_must_fit_one_of_them(tmp_path):
     _, problem = check_upload(bad, configs)
     assert problem.startswith("the records fit none of the base models")
     assert "for clf (sequence_classification): line 1: missing column 'text'" in problem
-    assert "for chat (causal_lm): line 1: no assistant message" in problem
+    assert "for chat (causal_lm sft): line 1: no assistant message" in problem
+    assert "for chat (dpo) (causal_lm dpo): line 1: training.method dpo reads preference records" in problem
+
+
+def test_preference_files_upload_for_a_causal_lm_and_are_checked_by_the_job_method(tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(6))
+    sft_base = config("causal_lm", packing=True)
+    assert check_upload(pairs, {"chat": sft_base}) == (6, None)  # a DPO job may use it
+    assert "missing column 'text'" in check_upload(pairs, {"clf": config()})[1]
+    rows = preference_rows(3)
+    rows[1]["non_preferred_output"] = rows[1]["preferred_output"]
+    rows[2]["preferred_output"][0]["role"] = "user"
+    bad = write_jsonl(tmp_path / "bad_pairs.jsonl", rows)
+    _, problem = check_upload(bad, {"chat": sft_base})
+    assert "line 2: preferred_output and non_preferred_output are identical" in problem
+    assert "line 3: preferred_output[0].role must be 'assistant'" in problem
+    dpo = load_config(raw={"task": "causal_lm", "model": {"name_or_path": "m"},
+                           "data": {"train": "unused.jsonl"}, "training": {"method": "dpo"}})
+    assert check_job_files(dpo, stored(pairs), None) is None
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(4))
+    problem = check_job_files(dpo, stored(chat), None)
+    assert problem.param == "training_file" and "line 1: training.method dpo reads preference records" in problem.message
 
 
 def test_column_settings_of_the_base_config_apply(tmp_path):
