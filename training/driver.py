@@ -178,7 +178,7 @@ def build_datasets(cfg: RunConfig, labels, summary=None) -> dict:
         datasets["test"] = tokenized(test, cfg, labels)
     if summary is not None:
         for split, dataset in datasets.items():
-            tokens = summary.length_stats(split, cfg.data.max_seq_length).get("tokens")
+            tokens = summary.tokens(split, cfg.data.max_seq_length)
             if tokens is not None and tokens <= MATERIALIZE_MAX_TOKENS:
                 datasets[split] = dataset.materialize()
     if get_adapter(cfg).reference_pass:  # DPO: every rank scores a share of the whole train split once

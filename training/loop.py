@@ -344,29 +344,41 @@ class Worker:
             batch = with_reference(batch, self.reference)
         return _match_dtype(_to_device(self.adapter.collate(batch, self.pad_id), self.device), self.dtype)
 
-    def each_batch(self, split: str, fn) -> None:
-        """``fn(batch, inputs)`` on this rank's share of a full (unsplit) split, in eval mode without gradients.
-        Batches are dealt round-robin to ranks; every rank runs the same number of forward passes (ZeRO-3
-        gathers parameters collectively): a rank that got fewer runs its last batch again, unrecorded."""
+    def each_batch(self, split: str, forward, keep) -> None:
+        """``keep(batch, inputs, forward(inputs))`` for this rank's share of a full (unsplit) split, in eval mode
+        without gradients. Batches are dealt round-robin to ranks, and the ranks run their forward passes in
+        lockstep, one round at a time (under ZeRO-3 each forward gathers parameters collectively): in a round
+        where a rank has no batch left, it runs a pass that is not kept, on its last batch (or the split's first)."""
         import ray.train
         import torch
         import torch.distributed as dist
 
         shard = ray.train.get_dataset_shard(split)
         bs = self.shape.micro_batch_per_worker * 2
-        passes, pending = 0, None
+        seen: list = []  # the split's first batch: a rank dealt none still has one to run
+
+        def own_batches():
+            for i, batch in enumerate(shard.iter_batches(batch_size=bs, batch_format="numpy")):
+                if not seen:
+                    seen.append(batch)
+                if i % self.world == self.rank:
+                    yield batch
+
+        batches, pending = own_batches(), None
         self.engine.eval()
         with torch.no_grad():
-            for i, batch in enumerate(shard.iter_batches(batch_size=bs, batch_format="numpy")):
-                if i % self.world != self.rank:
-                    continue
-                pending, passes = batch, passes + 1
-                fn(batch, self.inputs_of(batch))
-            most = torch.tensor([passes], device=self.device)
-            dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            for _ in range(int(most.item()) - passes):
-                if pending is not None:
-                    self.adapter.forward(self.engine, self.inputs_of(pending))
+            while True:
+                batch = next(batches, None)
+                more = torch.tensor([0 if batch is None else 1], device=self.device)
+                dist.all_reduce(more, op=dist.ReduceOp.MAX)
+                if not more.item():
+                    break
+                if batch is not None:
+                    pending = batch
+                    inputs = self.inputs_of(batch)
+                    keep(batch, inputs, forward(inputs))
+                elif pending is not None or seen:
+                    forward(self.inputs_of(pending if pending is not None else seen[0]))
         self.engine.train()
 
     def evaluate(self, split: str) -> dict:
@@ -375,14 +387,13 @@ class Worker:
 
         results, totals = [], [0.0, 0]  # loss sum, examples
 
-        def score(batch, inputs):
-            out = self.adapter.forward(self.engine, inputs)
+        def keep(batch, inputs, out):
             results.extend(self.adapter.eval_outputs(batch, inputs, out))
             n = len(batch["length"])
             totals[0] += float(out.loss) * n
             totals[1] += n
 
-        self.each_batch(split, score)
+        self.each_batch(split, lambda inputs: self.adapter.forward(self.engine, inputs), keep)
         loss_sum, count = totals
         gathered = [None] * self.world
         dist.all_gather_object(gathered, (results, loss_sum, count))
@@ -401,14 +412,14 @@ class Worker:
         started = time.perf_counter()
         ids, scores = [], []
 
-        def score(batch, inputs):
-            chosen, rejected = Preference.logps(self.engine, inputs).double().chunk(2)
+        def keep(batch, inputs, logps):
+            chosen, rejected = logps.double().chunk(2)
             ids.append(np.asarray(batch["pair_id"]))
             scores.append(np.stack([chosen.cpu().numpy(), rejected.cpu().numpy()], axis=1))
 
         for split in ("reference", "validation", "test"):
             if split != "test" or self.cfg.data.test is not None:
-                self.each_batch(split, score)
+                self.each_batch(split, lambda inputs: Preference.logps(self.engine, inputs), keep)
         gathered = [None] * self.world
         dist.all_gather_object(gathered, (ids, scores))
         all_ids = np.concatenate([a for part in gathered for a in part[0]] or [np.zeros(0, np.int64)])
@@ -519,13 +530,13 @@ def train_loop_per_worker(config: dict) -> None:
 
 def with_reference(batch: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The batch with each pair's reference scores, looked up by its ``pair_id``."""
+    from training.tasks.preference import REFERENCE
+
     ids = np.asarray(batch["pair_id"])
     at = np.searchsorted(reference["pair_id"], ids).clip(max=max(len(reference["pair_id"]) - 1, 0))
     if not len(reference["pair_id"]) or (reference["pair_id"][at] != ids).any():
         raise RuntimeError("a preference pair has no reference score: the data changed since the reference pass "
                            "(start the run in a new output.name)")
-    from training.tasks.preference import REFERENCE
-
     return {**batch, REFERENCE[0]: reference["chosen"][at], REFERENCE[1]: reference["rejected"][at]}
 
 

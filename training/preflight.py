@@ -47,7 +47,7 @@ def summarize_batch(batch: dict[str, np.ndarray], cfg: RunConfig) -> dict[str, l
             summary["stats"][split] = {k: int(np.asarray(v)[mask].sum()) for k, v in stats.items()}
             summary["where"][split] = {  # the first records each task check counted, as file:line
                 k: [f"{clean['_file'][i]}:{clean['_line'][i]}" for i in np.flatnonzero(mask & (np.asarray(v) > 0))
-                    ][:WHERE_LINES] for k, v in stats.items() if k != "rows" and (np.asarray(v)[mask] > 0).any()}
+                    ][:WHERE_LINES] for k, v in stats.items() if k not in COUNTS and (np.asarray(v)[mask] > 0).any()}
             if labels is not None:
                 counts, where = Counter(), {}
                 for i in np.flatnonzero(mask):
@@ -59,6 +59,7 @@ def summarize_batch(batch: dict[str, np.ndarray], cfg: RunConfig) -> dict[str, l
 
 
 WHERE_LINES = 5  # records named per task check in the pre-flight report
+COUNTS = ("rows", "tokens")  # record_stats keys that are sizes, not checks
 
 
 @dataclass
@@ -103,6 +104,13 @@ class DataSummary:
     def rows(self, split: str) -> int:
         """Rows the tokenizer makes of a split (what training steps over); records when not counted."""
         return self.stats.get(split, {}).get("rows", self.counts.get(split, 0))
+
+    def tokens(self, split: str, max_len: int) -> int | None:
+        """Tokens of a split after truncation: the task's own count (DPO: both outputs of a pair) or the sum of
+        the row lengths; None for a split without records."""
+        if "tokens" in self.stats.get(split, {}):
+            return self.stats[split]["tokens"]
+        return self.length_stats(split, max_len).get("tokens")
 
     def length_stats(self, split: str, max_len: int) -> dict[str, float]:
         x = self.lengths.get(split, np.zeros(0))
@@ -268,9 +276,9 @@ def format_report(cfg: RunConfig, summary: DataSummary, num_params: int) -> str:
         if st:
             lines.append(f"  {split:<11}{st['p50']:>7.0f}{st['p90']:>7.0f}{st['p95']:>7.0f}{st['p99']:>7.0f}"
                          f"{st['max']:>7.0f}{st['truncated']:>11,}")
-    train = summary.length_stats("train", max_len)
-    if train:
-        lines.append(f"  tokens per epoch (train, after truncation): {train['tokens']:,}")
+    train = summary.tokens("train", max_len)
+    if train is not None:
+        lines.append(f"  tokens per epoch (train, after truncation): {train:,}")
     lines += _format_rows_and_checks(summary)
     from training.ds_config import run_engine_shape
     from training.tasks import get_adapter
@@ -300,7 +308,7 @@ def _format_rows_and_checks(summary: DataSummary) -> list[str]:
         for split, n in summary.counts.items():
             rows = summary.rows(split)
             lines.append(f"  {split:<11} {rows:>9,}  ({rows / max(n, 1):.2f} per record)")
-    checks = sorted({k for st in summary.stats.values() for k in st} - {"rows"})
+    checks = sorted({k for st in summary.stats.values() for k in st} - set(COUNTS))
     if checks:
         lines += ["", "checks (records):", "  " + f"{'':<24}" + "".join(f"{s:>12}" for s in summary.counts)]
         for key in checks:

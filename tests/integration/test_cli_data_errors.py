@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from tests.conftest import sentiment_rows, write_jsonl
+from tests.conftest import preference_rows, sentiment_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +93,47 @@ def test_validate_prints_the_preflight_report(tmp_path, tiny_bert, rayfine):
     assert "truncated" in out and "parameters:" in out
     assert "ZeRO-2:" in out and "<- chosen" in out
     assert "OK: config and data are valid." in out
+
+
+def test_preference_records_are_checked_by_line_and_reported(tmp_path, tiny_llama, rayfine):
+    rows = preference_rows(12, seed=5)
+    rows[2]["non_preferred_output"] = rows[2]["preferred_output"]
+    rows[4]["input"]["messages"].append({"role": "assistant", "content": "hm"})
+    rows[6]["preferred_output"] = []
+    rows[8]["score"] = 3
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    val = write_jsonl(tmp_path / "pairs_val.jsonl", preference_rows(4, seed=6))
+    config = write_config(tmp_path, tiny_llama, train, val, task="causal_lm", training={"method": "dpo"})
+    proc = rayfine("validate", str(config), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{train}:3: preferred_output and non_preferred_output are identical" in proc.stderr
+    assert f"{train}:5: input.messages must end with a user message" in proc.stderr
+    assert f"{train}:7: preferred_output must be a list of exactly one assistant message" in proc.stderr
+    assert f"{train}:9: unknown key(s) score" in proc.stderr
+    assert "4 problem(s) in the data" in proc.stderr
+
+    rows = preference_rows(12, seed=5)
+    rows[3]["input"]["messages"][0]["content"] = "tell me " * 40  # the prompt alone fills max_seq_length
+    write_jsonl(train, rows)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["max_seq_length"] = 48
+    config.write_text(yaml.safe_dump(raw))
+    proc = rayfine("validate", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"no target after truncation\s+1\s+0\n", proc.stdout), proc.stdout
+    assert f"no target after truncation (train), first: {train}:4" in proc.stdout
+    assert "1 pair(s) cut at data.max_seq_length" in proc.stdout
+    from transformers import AutoTokenizer
+
+    from training.tasks.causal_lm import ensure_chat_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ensure_chat_template(tok)
+    tokens = 0  # both outputs of every pair, each with its prompt, truncated; the cut pair left out
+    for i, r in enumerate(rows):
+        if i == 3:
+            continue
+        for key in ("preferred_output", "non_preferred_output"):
+            text = tok.apply_chat_template(r["input"]["messages"] + r[key], tokenize=False)
+            tokens += min(len(tok(text, add_special_tokens=False)["input_ids"]), 48)
+    assert f"tokens per epoch (train, after truncation): {tokens:,}" in proc.stdout

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.integration
 
 def dpo_config(tmp_path, model_dir, **sections):
     train_file = write_jsonl(tmp_path / "data" / "pref_train.jsonl", preference_rows(128, seed=1))
-    val_file = write_jsonl(tmp_path / "data" / "pref_val.jsonl", preference_rows(32, seed=2))
+    # 40 pairs: 3 evaluation batches of 16, so one rank runs a pass that is not kept (ZeRO collectives stay
+    # matched) in the reference scoring and in every evaluation
+    val_file = write_jsonl(tmp_path / "data" / "pref_val.jsonl", preference_rows(40, seed=2))
     raw = {"task": "causal_lm", "model": {"name_or_path": str(model_dir)},
            "data": {"train": str(train_file), "validation": str(val_file), "max_seq_length": 64},
            "training": {"method": "dpo", "beta": 0.5, "epochs": 3, "learning_rate": 5e-3, "batch_size": 8,
@@ -63,7 +65,7 @@ def test_dpo_full_zero2_learns_the_preference_and_resumes(tmp_path, tiny_llama, 
     assert evals[0]["eval_reward_accuracy"] <= 0.7 and evals[-1]["eval_reward_accuracy"] >= 0.9, evals
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.3
     validation = json.loads((result.run_dir / "eval.json").read_text())["validation"]
-    assert validation["num_pairs"] == 32 and validation["reward_accuracy"] >= 0.9
+    assert validation["num_pairs"] == 40 and validation["reward_accuracy"] >= 0.9
     assert validation["reward_margin"] == pytest.approx(
         validation["rewards_chosen"] - validation["rewards_rejected"], abs=1e-6)
     assert (result.run_dir / "plots" / "rewards.png").is_file()
@@ -73,7 +75,7 @@ def test_dpo_full_zero2_learns_the_preference_and_resumes(tmp_path, tiny_llama, 
 
     model = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
-    pairs = preference_rows(32, seed=2)
+    pairs = preference_rows(40, seed=2)
     wins = sum(output_logp(model, tokenizer, p["input"]["messages"], p["preferred_output"][0])
                > output_logp(model, tokenizer, p["input"]["messages"], p["non_preferred_output"][0]) for p in pairs)
     assert wins >= 0.8 * len(pairs)

@@ -148,8 +148,9 @@ class Preference(CausalLM):
         stats = summary.length_stats("train", self.data.max_seq_length)
         if not stats:
             return []
-        return [f"  preference pairs: the longer output of a pair is {stats['p50']:.0f} tokens at the median "
-                f"with its prompt; {stats['truncated']:,} pair(s) cut at data.max_seq_length",
+        return [f"  preference pairs: the longer output with its prompt is {stats['p50']:.0f} tokens at the median "
+                f"(the table above); {stats['truncated']:,} pair(s) cut at data.max_seq_length; tokens per epoch "
+                f"count both outputs, each with the prompt",
                 f"  beta {self.beta}; reference model: "
                 + ("the base with the LoRA adapter disabled" if not self.reference_pass else
                    "the initial model, its log-probabilities computed once before the first step")]
@@ -175,8 +176,13 @@ class Preference(CausalLM):
         return out
 
     def record_stats(self, batch: dict[str, np.ndarray], tokenizer) -> dict[str, np.ndarray]:
-        empty = self._encode_pairs(batch, tokenizer, truncate=True)["trained_tokens"] == 0
-        return {"rows": (~empty).astype(np.int64), "no_target_after_truncation": empty.astype(np.int64)}
+        """Per pair: a training row unless truncation left an output no token, and its tokens (both outputs
+        with the prompt, after truncation: what a step runs through the model)."""
+        enc = self._encode_pairs(batch, tokenizer, truncate=True)
+        empty = enc["trained_tokens"] == 0
+        tokens = [len(a) + len(b) for a, b in zip(enc["chosen_input_ids"], enc["rejected_input_ids"])]
+        return {"rows": (~empty).astype(np.int64), "no_target_after_truncation": empty.astype(np.int64),
+                "tokens": np.where(empty, 0, tokens).astype(np.int64)}
 
     @staticmethod
     def empty_tokens() -> dict[str, Any]:
