@@ -60,7 +60,9 @@ def load_for_generation(model_dir: Path):
 
 def write_samples(cfg: RunConfig, model_dir: Path, out_path: Path) -> list[dict]:
     import torch
+    import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # runs in the CLI's process: no weight-loading bar there
     model, tokenizer = load_for_generation(model_dir)
     samples = []
     for item in sample_prompts(cfg):
