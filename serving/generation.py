@@ -129,7 +129,11 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Ge
     """Greedy at temperature 0, else nucleus sampling (the smallest set of tokens with mass >= top_p)."""
     if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # In float64 (a float32 tensor would round a temperature below ~1e-45 to 0) and shifted so the largest logit
+    # is 0: a temperature near 0 sends the others to -inf (probability 0), never to inf - inf = NaN, so it
+    # samples like greedy instead of failing.
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p

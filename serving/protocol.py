@@ -99,7 +99,7 @@ class _SamplingRequest(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2**63, le=2**64 - 1, description="what torch.Generator takes (64 bits)")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None

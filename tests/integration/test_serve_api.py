@@ -286,6 +286,8 @@ def test_classify_bad_input(urls, client, payload, status, code):
     ({"max_tokens": 1000}, 400, "max_tokens_too_large"),
     ({"max_tokens": "many"}, 422, "invalid_value"),
     ({"temperature": 5}, 422, "invalid_value"),
+    ({"seed": 2**64}, 422, "invalid_value"),
+    ({"seed": -2**63 - 1}, 422, "invalid_value"),
     ({"messages": []}, 422, "invalid_value"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "invalid_value"),
     ({"messages": [{"role": "user", "content": "word " * 200}]}, 413, "input_too_long"),
@@ -294,6 +296,18 @@ def test_classify_bad_input(urls, client, payload, status, code):
 ])
 def test_chat_bad_input(urls, client, body, status, code):
     assert_error(chat(urls, client, **body), status, code)
+
+
+def test_edge_values_the_protocol_accepts_answer_200(urls, client):
+    """The largest seeds and a temperature so small that 1/temperature overflows: a correct answer, not a 500
+    (a near-zero temperature samples what greedy picks)."""
+    greedy = chat(urls, client, max_tokens=6, temperature=0).json()["choices"][0]["message"]["content"]
+    for seed in (2**64 - 1, -2**63):
+        assert chat(urls, client, max_tokens=3, seed=seed).status_code == 200
+    for temperature in (1e-300, 5e-324):
+        response = chat(urls, client, max_tokens=6, temperature=temperature, seed=3)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == greedy
 
 
 def test_malformed_json_without_content_type(urls, client):

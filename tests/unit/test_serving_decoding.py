@@ -102,3 +102,15 @@ def test_evaluate_endpoint_errors_are_one_line_each(tmp_path, capsys):
     assert main(["evaluate", str(cfg), "--endpoint", "http://127.0.0.1:9"]) == 1
     err = capsys.readouterr().err
     assert "--endpoint http://127.0.0.1:9: ConnectError" in err and "rayfine serve prints the URL" in err
+
+
+def test_a_temperature_near_zero_samples_the_greedy_token():
+    from serving.generation import sample
+
+    logits = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    rng = torch.Generator().manual_seed(1)
+    for temperature in (1e-9, 1e-300, 5e-324):
+        assert sample(logits, temperature, 1.0, rng) == int(logits.argmax())
+        assert sample(logits, temperature, 0.5, rng) == int(logits.argmax())
+    counts = torch.bincount(torch.tensor([sample(logits, 1.0, 1.0, rng) for _ in range(200)]), minlength=64)
+    assert (counts > 0).sum() > 5  # at temperature 1 it still samples
