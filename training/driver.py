@@ -244,8 +244,12 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     printer = ProgressPrinter(RunFolder(run_dir).metrics, plan.total_steps) if progress else None
     if printer:
         printer.start()
+    metrics_file = RunFolder(run_dir).metrics
+    offset = metrics_file.stat().st_size if metrics_file.exists() else 0
     try:
-        return trainer.fit(), plan
+        result = trainer.fit()
+        check_divergence(run_dir, offset)
+        return result, plan
     except ray.train.TrainingFailedError as exc:
         raise UserError(f"training failed: {_root_cause(exc)}\n  The run folder {run_dir} keeps its "
                         "checkpoints: run the same command again to resume from the last one.\n  Worker "
@@ -253,6 +257,19 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     finally:
         if printer:
             printer.stop()
+
+
+def check_divergence(run_dir: Path, offset: int) -> None:
+    """Raise UserError when the workers ended this fit on a non-finite loss (their last report, in metrics.jsonl
+    after byte ``offset``; a Ray result only carries the metrics of a checkpoint)."""
+    records, _ = read_records(RunFolder(run_dir).metrics, offset)
+    ended = [r for r in records if r.get("diverged_at_step")]
+    if ended:
+        step, loss = ended[-1]["diverged_at_step"], ended[-1].get("diverged_loss", "nan")
+        raise UserError(f"training diverged: the loss is {loss} at step {step}; lower training.learning_rate or "
+                        "raise training.warmup_ratio (not retried: scaling.max_failures restarts only after "
+                        f"faults).\n  Start again in a new output.name: {run_dir} would resume from its last "
+                        "checkpoint.")
 
 
 def _worker_startup(run_dir: Path, offset: int = 0) -> dict[str, float]:

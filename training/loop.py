@@ -493,9 +493,9 @@ def train_loop_per_worker(config: dict) -> None:
             inputs = w.inputs_of(batch)
             out = w.adapter.forward(w.engine, inputs)
             loss = out.loss
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {s.global_step + 1}: training diverged; "
-                                         "lower training.learning_rate or raise training.warmup_ratio")
+            if not all_finite(loss, w.device):  # every rank stops at the same micro-step, and the run ends
+                _report_divergence(w, float(loss.detach()))  # here: a restart would only diverge again
+                return
             w.engine.backward(loss)
             boundary = w.engine.is_gradient_accumulation_boundary()
             w.engine.step()
@@ -526,6 +526,27 @@ def train_loop_per_worker(config: dict) -> None:
             if plan.packed and s.epoch < t.epochs and s.global_step < plan.total_steps:
                 _maybe_report(w, end_of_epoch=True)
     _finish(w)
+
+
+def all_finite(loss, device) -> bool:
+    """Whether every rank's loss of this micro-step is finite (a sum over ranks: a NaN or inf anywhere shows)."""
+    import torch
+    import torch.distributed as dist
+
+    total = loss.detach().float().reshape(1).to(device).clone()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return bool(torch.isfinite(total).item())
+
+
+def _report_divergence(w: Worker, loss: float) -> None:
+    """End the run on a non-finite loss with a report the driver turns into the error (never a worker failure,
+    which ``scaling.max_failures`` would retry from the last checkpoint into the same divergence)."""
+    import ray.train
+
+    step = w.state.global_step + 1
+    w.log(f"loss is {loss} at step {step}: training diverged")
+    ray.train.report({"step": w.state.global_step, "diverged_at_step": step, "diverged_loss": str(loss)})
 
 
 def with_reference(batch: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
