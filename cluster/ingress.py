@@ -100,7 +100,7 @@ def use_ingress(proxy: Optional[str] = None) -> str:
     os.environ.setdefault(HAPROXY_ENV, "1" if chosen == "haproxy" else "0")
     if chosen == "haproxy":
         for key in _LOCAL_PORT_ENVS:
-            os.environ.setdefault(key, str(_free_port()))
+            os.environ.setdefault(key, str(free_port()))
         os.environ.setdefault(_DRAIN_ENV, _LOCAL_DRAIN_S)
     return chosen
 
@@ -132,7 +132,32 @@ def check_ingress(requested: str) -> Optional[str]:
     return active
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+# HAProxy's ports are picked when Ray starts and bound when Serve starts, later. A port the OS hands out for
+# "any free port" (bind to 0: the ephemeral range, from 32768 on Linux) can meanwhile be taken by a Ray worker's
+# own server, and HAProxy then fails to start ("Address already in use"). So they come from below that range,
+# and above Ray's default worker ports (10002-19999).
+_PICK_FROM = 20000
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A port free now that no later "any free port" bind can take: below the ephemeral range."""
+    import random
+
+    top = _ephemeral_start()
+    for port in random.sample(range(_PICK_FROM, top), min(64, max(top - _PICK_FROM, 0))):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: any free port
         s.bind(("", 0))
         return s.getsockname()[1]

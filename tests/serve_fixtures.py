@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 from pathlib import Path
 
 from cluster.ray_start import prepare_ray_env
@@ -31,9 +30,11 @@ def minilm_path() -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for serve.port, from below the ephemeral range (``cluster.ingress.free_port``): a Ray worker that
+    starts before Serve binds it cannot take it."""
+    from cluster.ingress import free_port as pick
+
+    return pick()
 
 
 def _bert_config(tokenizer, labels: list[str] | None = None):
