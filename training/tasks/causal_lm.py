@@ -19,7 +19,7 @@ from training.tasks.base import LabelSpace, ParseError, TaskAdapter, pad_sequenc
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
-MESSAGE_KEYS = {"role", "content", "weight", "name"}
+MESSAGE_KEYS = ("role", "content", "weight", "name")
 RECORD_KEYS = {"messages"}
 
 def ensure_chat_template(tokenizer) -> None:
@@ -32,6 +32,22 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
+def check_message(msg: Any, where: str, allowed: tuple[str, ...]) -> None:
+    """One chat message: an object with a known role, non-empty content and only the ``allowed`` keys."""
+    if not isinstance(msg, dict):
+        raise ParseError(f"{where} must be an object with 'role' and 'content'")
+    for key in ("role", "content"):
+        if key not in msg:
+            raise ParseError(f"{where} has no '{key}'")
+    extra = sorted(set(msg) - set(allowed))
+    if extra:
+        raise ParseError(f"{where} has unknown key(s) {', '.join(extra)}; allowed: {', '.join(allowed)}")
+    if msg["role"] not in ROLES:
+        raise ParseError(f"{where}.role {msg['role']!r} is not one of {', '.join(ROLES)}")
+    if not isinstance(msg["content"], str) or not msg["content"].strip():
+        raise ParseError(f"{where}.content is empty")
+
+
 def check_chat(record: dict[str, Any]) -> list[dict]:
     """OpenAI's checks for a chat fine-tuning example; raises ParseError naming the problem."""
     unknown = sorted(set(record) - RECORD_KEYS)
@@ -42,18 +58,7 @@ def check_chat(record: dict[str, Any]) -> list[dict]:
         raise ParseError("'messages' must be a non-empty list of {role, content} objects")
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise ParseError(f"{where} must be an object with 'role' and 'content'")
-        for key in ("role", "content"):
-            if key not in msg:
-                raise ParseError(f"{where} has no '{key}'")
-        extra = sorted(set(msg) - MESSAGE_KEYS)
-        if extra:
-            raise ParseError(f"{where} has unknown key(s) {', '.join(extra)}; allowed: role, content, weight, name")
-        if msg["role"] not in ROLES:
-            raise ParseError(f"{where}.role {msg['role']!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(msg["content"], str) or not msg["content"].strip():
-            raise ParseError(f"{where}.content is empty")
+        check_message(msg, where, MESSAGE_KEYS)
         if "weight" in msg and (msg["role"] != "assistant" or msg["weight"] not in (0, 1)
                                 or isinstance(msg["weight"], bool)):
             raise ParseError(f"{where}.weight must be 0 or 1, on assistant messages only")

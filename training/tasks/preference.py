@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from training.tasks.base import LabelSpace, ParseError
-from training.tasks.causal_lm import IGNORE, MESSAGE_KEYS, ROLES, CausalLM, ensure_chat_template
+from training.tasks.causal_lm import IGNORE, CausalLM, check_message, ensure_chat_template
 
 RECORD_KEYS = ("input", "preferred_output", "non_preferred_output")
 INPUT_KEYS = {"messages", "tools", "parallel_tool_calls"}
-OUTPUT_KEYS = {"role", "content"}
+INPUT_MESSAGE_KEYS = ("role", "content", "name")  # a chat message's keys but weight (nothing is trained there)
+OUTPUT_KEYS = ("role", "content")
 REFERENCE = ("ref_chosen_logps", "ref_rejected_logps")  # columns the train loop adds without LoRA
 PAIR_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
 
@@ -56,7 +57,7 @@ def check_preference(record: dict[str, Any]) -> tuple[list[dict], dict, dict]:
     if not isinstance(messages, list) or not messages:
         raise ParseError("input.messages must be a non-empty list of {role, content} objects")
     for i, msg in enumerate(messages):
-        _check_message(msg, f"input.messages[{i}]", MESSAGE_KEYS - {"weight"})
+        check_message(msg, f"input.messages[{i}]", INPUT_MESSAGE_KEYS)
     if messages[-1]["role"] != "user":
         raise ParseError(f"input.messages must end with a user message (the last is {messages[-1]['role']!r}): "
                          "both outputs answer it")
@@ -67,26 +68,11 @@ def check_preference(record: dict[str, Any]) -> tuple[list[dict], dict, dict]:
     return messages, outputs[0], outputs[1]
 
 
-def _check_message(msg: Any, where: str, allowed: set[str]) -> None:
-    if not isinstance(msg, dict):
-        raise ParseError(f"{where} must be an object with 'role' and 'content'")
-    for key in ("role", "content"):
-        if key not in msg:
-            raise ParseError(f"{where} has no '{key}'")
-    extra = sorted(set(msg) - allowed)
-    if extra:
-        raise ParseError(f"{where} has unknown key(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
-    if msg["role"] not in ROLES:
-        raise ParseError(f"{where}.role {msg['role']!r} is not one of {', '.join(ROLES)}")
-    if not isinstance(msg["content"], str) or not msg["content"].strip():
-        raise ParseError(f"{where}.content is empty")
-
-
 def _one_output(value: Any, key: str) -> dict:
     if not isinstance(value, list) or len(value) != 1:
         got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
         raise ParseError(f"{key} must be a list of exactly one assistant message (got {got})")
-    _check_message(value[0], f"{key}[0]", OUTPUT_KEYS)
+    check_message(value[0], f"{key}[0]", OUTPUT_KEYS)
     if value[0]["role"] != "assistant":
         raise ParseError(f"{key}[0].role must be 'assistant' (got {value[0]['role']!r})")
     return value[0]
