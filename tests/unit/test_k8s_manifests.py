@@ -4,8 +4,11 @@ Every YAML document under k8s/ is validated: RayCluster, RayJob and RayService (
 openAPIV3Schema of the official KubeRay v1.7.0 CRDs, kept in tests/unit/schemas/kuberay/, made strict (the API
 server prunes unknown fields silently, so a typo like ``rayStartParam`` would otherwise be dropped without a word);
 ConfigMap, PersistentVolumeClaim, Secret, Service, PodMonitor and ServiceMonitor against the small hand-written
-schemas in tests/unit/schemas/. On top of the schemas: the rules the KubeRay operator enforces when it reconciles,
-and the project's own contracts (Ray version pin, resources, token auth, the run config, the Serve app, metrics).
+schemas in tests/unit/schemas/; NetworkPolicy and PodDisruptionBudget against the upstream Kubernetes schemas
+(kubernetes-validate). On top of the schemas: the rules the KubeRay operator enforces when it reconciles, and the
+project's own contracts (Ray version pin, resources, token auth, the run config, the Serve app, metrics), and the
+hardening: the Pod Security "restricted" profile for every container, memory-backed /dev/shm, NetworkPolicies
+(evaluated on the labels KubeRay gives the pods) and the serve workers' PodDisruptionBudget.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 CRD_SCHEMA_DIR = SCHEMA_DIR / "kuberay"  # KubeRay v1.7.0; refresh.py there fetches another release
 CRD_FILES = {"RayCluster": "rayclusters.v1.json", "RayJob": "rayjobs.v1.json", "RayService": "rayservices.v1.json"}
 RAY_API_VERSION = "ray.io/v1"
+# Built-in kinds validated against the upstream schemas of kubernetes-validate (not in k8s_core_objects.json).
+UPSTREAM_KINDS = ("networking.k8s.io/v1/NetworkPolicy", "policy/v1/PodDisruptionBudget")
 SHARED_MOUNT = "/mnt/shared"
 SERVE_IMPORT_PATH = "serving.app:build_app"
 # Metric names agreed with the training and serving code (Ray prefixes application metrics with ray_).
@@ -186,6 +191,14 @@ def schema_errors(doc: dict) -> list[str]:
         for error in metadata.iter_errors(doc.get("metadata")):
             error.path.appendleft("metadata")
             errors.append(error)
+    elif f"{api}/{kind}" in UPSTREAM_KINDS:
+        kubernetes_validate = pytest.importorskip("kubernetes_validate")
+        try:
+            kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(map(str, exc.path)) or "(top)"
+            return [f"{path}: {exc.message}"]
+        return []
     else:
         schema = bundle["kinds"].get(f"{api}/{kind}")
         if schema is None:
@@ -277,8 +290,8 @@ def serve_config() -> dict:
 
 def test_the_expected_files_exist():
     expected = ["rayjob-finetune.yaml", "configmap-run.yaml", "pvc-shared.yaml", "rayservice.yaml",
-                "raycluster.yaml", "monitoring/podmonitor.yaml", "monitoring/grafana-dashboard.json", "Dockerfile",
-                "README.md"]
+                "raycluster.yaml", "networkpolicies.yaml", "pdb-serve.yaml", "monitoring/podmonitor.yaml",
+                "monitoring/grafana-dashboard.json", "Dockerfile", "README.md"]
     missing = [name for name in expected if not (K8S_DIR / name).is_file()]
     assert not missing, f"missing under k8s/: {missing}"
 
@@ -297,7 +310,8 @@ def test_every_document_matches_its_schema(path):
 def test_core_objects_match_the_kubernetes_schemas():
     """The full upstream schemas, when kubernetes-validate is installed (strict: unknown keys fail)."""
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    core = [(where, d) for where, d in all_documents() if d.get("apiVersion") == "v1"]
+    core = [(where, d) for where, d in all_documents()
+            if d.get("apiVersion") == "v1" or f"{d.get('apiVersion')}/{d.get('kind')}" in UPSTREAM_KINDS]
     assert core, "no core objects found under k8s/"
     # The pod templates inside the Ray resources too, checked as Pods.
     core += [(f"{where} {path}", {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template"}, "spec": pod})
@@ -383,7 +397,14 @@ def test_strict_schema_honours_preserve_unknown_fields():
     ({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
       "spec": {"ports": [{"port": "http"}]}}, "'http' is not of type"),
     ({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}}, "no schema for apps/v1/Deployment"),
-], ids=["configmap-typo", "metadata-typo", "pvc-typo", "podmonitor-typo", "service-type", "unknown-kind"])
+    ({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "x"},
+      "spec": {"podSelector": {}, "ingress": [{"form": [{"podSelector": {}}]}]}}, "form"),
+    ({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "x"},
+      "spec": {"podSelector": {}, "policyTypes": "Ingress"}}, "'Ingress' is not of type"),
+    ({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "x"},
+      "spec": {"minAvailable": 1, "selector": {"matchLabel": {"a": "b"}}}}, "matchLabel"),
+], ids=["configmap-typo", "metadata-typo", "pvc-typo", "podmonitor-typo", "service-type", "unknown-kind",
+        "networkpolicy-typo", "networkpolicy-type", "pdb-typo"])
 def test_core_schema_catches(doc, expected):
     errors = schema_errors(doc)
     assert any(expected in e for e in errors), f"expected an error mentioning {expected!r}, got {errors}"
@@ -503,7 +524,7 @@ def test_every_container_has_requests_and_limits():
         for path, c in pods:
             res = c.get("resources") or {}
             requests, limits = res.get("requests") or {}, res.get("limits") or {}
-            for key in ("cpu", "memory"):
+            for key in ("cpu", "memory", "ephemeral-storage"):
                 if key not in requests or key not in limits:
                     problems.append(f"{where} {path} {c['name']}: needs resources.requests and limits for {key}")
                 elif quantity(requests[key]) > quantity(limits[key]):
@@ -515,21 +536,34 @@ def test_every_container_has_requests_and_limits():
 
 
 def test_token_auth_is_on_for_every_ray_cluster():
-    problems, secrets = [], set()
+    problems = []
     for where, cluster, _ in all_ray_cluster_specs():
         auth = cluster.get("authOptions") or {}
         if auth.get("mode") != "token":
             problems.append(f"{where}: authOptions.mode must be token (the Jobs API runs any code it is given)")
         if version_tuple(str(cluster.get("rayVersion", "0"))) < (2, 52, 0):
             problems.append(f"{where}: token auth needs rayVersion 2.52.0 or later")
-        secrets.add(auth.get("secretName"))
+        if not auth.get("secretName"):
+            problems.append(f"{where}: authOptions.secretName: the token comes from a Secret created beforehand")
         for _, pod in pod_specs(cluster):
             for c in containers(pod):
                 for env in c.get("env", []):
                     if env["name"] == "RAY_AUTH_MODE" and env.get("value") != "token":
                         problems.append(f"{where} {c['name']}: RAY_AUTH_MODE={env.get('value')!r}")
-    assert len(secrets) == 1 and None not in secrets, f"one shared token Secret expected, got {secrets}"
     assert not problems, "\n".join(problems)
+
+
+def test_training_and_serving_clusters_use_separate_ray_tokens():
+    """Whoever holds the training token (the API server, people submitting runs) must not be able to run code on
+    the serving cluster, and the other way round."""
+    tokens: dict[str, dict[str, str]] = {"training": {}, "serving": {}}
+    for where, cluster, doc in all_ray_cluster_specs():
+        side = "serving" if doc["kind"] == "RayService" else "training"
+        tokens[side][where] = (cluster.get("authOptions") or {}).get("secretName")
+    assert tokens["training"] and tokens["serving"], f"training and serving clusters expected: {tokens}"
+    shared = set(tokens["training"].values()) & set(tokens["serving"].values())
+    assert not shared, f"training {tokens['training']} and serving {tokens['serving']} share the token Secret {shared}"
+    assert len(set(tokens["training"].values())) == 1, f"the training clusters use one token: {tokens['training']}"
 
 
 def test_ray_pods_mount_the_shared_volume_and_export_metrics():
@@ -688,6 +722,486 @@ def test_serve_config_is_what_rayfine_serve_writes():
         ours["applications"][0]["args"]["serve"] = serve.model_dump(mode="json")  # defaults filled in
         assert json.loads(json.dumps(ours)) == json.loads(json.dumps(expected)), (
             "serveConfigV2 differs from `rayfine serve --config-out`:\n" + yaml.safe_dump(expected, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hardening: Pod Security "restricted", /dev/shm, NetworkPolicies, PodDisruptionBudget
+# ---------------------------------------------------------------------------------------------------------------
+
+# Security contexts ----------------------------------------------------------------------------------------------
+
+# Fields a container inherits from the pod's securityContext when it does not set them itself.
+_INHERITED = ("runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile", "seLinuxOptions", "windowsOptions",
+              "appArmorProfile")
+# Volume types the "restricted" profile allows.
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "image", "persistentVolumeClaim",
+                       "projected", "secret"}
+
+
+def image_user() -> tuple[int, int]:
+    """uid and gid of the last ``USER`` of k8s/Dockerfile (numeric, so the kubelet can check runAsNonRoot)."""
+    users = re.findall(r"^USER\s+(\S+)", (K8S_DIR / "Dockerfile").read_text(), re.MULTILINE)
+    assert users, "k8s/Dockerfile: no USER line; the pods' runAsUser must be the image's user"
+    match = re.fullmatch(r"(\d+):(\d+)", users[-1])
+    assert match, f"k8s/Dockerfile: USER {users[-1]}; write it as UID:GID (numbers)"
+    return int(match.group(1)), int(match.group(2))
+
+
+def effective_security_context(pod: dict, container: dict) -> dict:
+    pod_context = pod.get("securityContext") or {}
+    merged = {k: pod_context[k] for k in _INHERITED if k in pod_context}
+    merged.update(container.get("securityContext") or {})
+    return merged
+
+
+def pod_containers(doc: dict) -> Iterator[tuple[str, dict, dict]]:
+    """(path, pod spec, container) for every container of every pod in a document, the ones KubeRay adds to a
+    pod included: the autoscaler sidecar of a head (its securityContext is autoscalerOptions.securityContext).
+    KubeRay's own init containers (wait-gcs-ready) copy the Ray container's securityContext."""
+    for path, pod in pod_specs(doc):
+        for c in containers(pod):
+            yield path, pod, c
+    for path, cluster in ray_cluster_specs(doc):
+        if cluster.get("enableInTreeAutoscaling"):
+            options = cluster.get("autoscalerOptions") or {}
+            autoscaler = {"name": "autoscaler", "securityContext": options.get("securityContext")}
+            yield f"{path}.autoscalerOptions", cluster["headGroupSpec"]["template"]["spec"], autoscaler
+
+
+def restricted_problems(doc: dict) -> list[str]:
+    """What the Pod Security "restricted" profile would reject in a document's pods, and pods that do not run as
+    the image's user."""
+    uid, gid = image_user()
+    problems = []
+    for path, pod in pod_specs(doc):
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            if pod.get(key):
+                problems.append(f"{path}: {key}")
+        for volume in pod.get("volumes", []):
+            kinds = set(volume) - {"name"}
+            if not kinds <= _RESTRICTED_VOLUMES:
+                problems.append(f"{path} volume {volume['name']}: {sorted(kinds)} is not allowed by 'restricted'")
+        if any("persistentVolumeClaim" in v for v in pod.get("volumes", [])) \
+                and (pod.get("securityContext") or {}).get("fsGroup") != gid:
+            problems.append(f"{path}: mounts a PVC: set securityContext.fsGroup: {gid} (the image's group) so the "
+                            "volume is writable")
+    for path, pod, c in pod_containers(doc):
+        where = f"{path} {c['name']}"
+        sc = effective_security_context(pod, c)
+        if sc.get("runAsNonRoot") is not True:
+            problems.append(f"{where}: runAsNonRoot: true")
+        if not sc.get("runAsUser"):
+            problems.append(f"{where}: runAsUser: a non-zero uid (the image's user is {uid})")
+        elif sc["runAsUser"] != uid:
+            problems.append(f"{where}: runAsUser {sc['runAsUser']}, k8s/Dockerfile runs as {uid}")
+        if sc.get("runAsGroup") != gid:
+            problems.append(f"{where}: runAsGroup {sc.get('runAsGroup')}, k8s/Dockerfile runs as group {gid}")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation: false")
+        if sc.get("privileged"):
+            problems.append(f"{where}: privileged")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            problems.append(f"{where}: capabilities.drop: [ALL]")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{where}: capabilities.add {caps['add']}; 'restricted' allows NET_BIND_SERVICE only")
+        if (sc.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{where}: seccompProfile.type RuntimeDefault (in the container or the pod)")
+        if c.get("ports") and any(p.get("hostPort") for p in c["ports"]):
+            problems.append(f"{where}: hostPort")
+    return problems
+
+
+def test_every_container_runs_under_the_restricted_profile():
+    pods = [(where, path) for where, doc in all_documents() for path, _, _ in pod_containers(doc)]
+    assert len(pods) >= 8, f"expected the containers of every Ray group and the submitter, found {pods}"
+    problems = [f"{where} {p}" for where, doc in all_documents() for p in restricted_problems(doc)]
+    assert not problems, "\n".join(problems)
+
+
+def _group_pod(doc: dict, group: str = "headGroupSpec") -> dict:
+    cluster = doc["spec"]["rayClusterSpec"]
+    spec = cluster[group] if group == "headGroupSpec" else cluster["workerGroupSpecs"][0]
+    return spec["template"]["spec"]
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: _group_pod(d)["containers"][0]["securityContext"].update(runAsUser=0), "non-zero uid"),
+    (lambda d: [sc.pop("runAsUser") for sc in (_group_pod(d)["securityContext"],
+                                                _group_pod(d)["containers"][0]["securityContext"])], "non-zero uid"),
+    (lambda d: _group_pod(d, "workers")["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+     "allowPrivilegeEscalation"),
+    (lambda d: _group_pod(d)["containers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]), "drop"),
+    (lambda d: [sc.pop("seccompProfile") for sc in (_group_pod(d)["securityContext"],
+                                                     _group_pod(d)["containers"][0]["securityContext"])], "seccomp"),
+    (lambda d: d["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["securityContext"].update(
+        runAsNonRoot=False), "runAsNonRoot"),
+    (lambda d: _group_pod(d)["securityContext"].pop("fsGroup"), "fsGroup"),
+    (lambda d: _group_pod(d)["volumes"].append({"name": "host", "hostPath": {"path": "/"}}), "hostPath"),
+    (lambda d: _group_pod(d)["initContainers"].append({"name": "setup"}) if "initContainers" in _group_pod(d)
+     else _group_pod(d).update(initContainers=[{"name": "setup"}]), "setup: allowPrivilegeEscalation"),
+], ids=["root", "no-uid", "escalation", "caps", "seccomp", "submitter", "fsgroup", "hostpath", "init-container"])
+def test_restricted_profile_check_catches(mutate, expected):
+    doc = _rayjob()
+    assert restricted_problems(doc) == []
+    mutate(doc)
+    problems = restricted_problems(doc)
+    assert any(expected in p for p in problems), f"expected a problem mentioning {expected!r}, got {problems}"
+
+
+def test_the_pods_run_as_the_image_user():
+    """k8s/Dockerfile's USER is the base image's user ray (uid 1000, group users 100) and the pods say the same,
+    so files the pods write on the shared volume have one owner."""
+    assert image_user() == (1000, 100), f"k8s/Dockerfile USER {image_user()}; the rayproject/ray user is 1000:100"
+    uid, gid = image_user()
+    for where, doc in all_documents():
+        for path, pod, c in pod_containers(doc):
+            sc = effective_security_context(pod, c)
+            assert (sc.get("runAsUser"), sc.get("runAsGroup")) == (uid, gid), f"{where} {path} {c['name']}: {sc}"
+
+
+# /dev/shm -------------------------------------------------------------------------------------------------------
+
+RAY_OBJECT_STORE_SHARE = 0.3   # Ray's default object store: 30% of the memory it sees (the container limit) ...
+RAY_SHM_CAP = 0.95             # ... capped at 95% of /dev/shm
+
+
+def test_ray_pods_have_a_memory_backed_dev_shm():
+    problems = []
+    for where, cluster, _ in all_ray_cluster_specs():
+        for group_name, group in groups(cluster):
+            pod, c = group["template"]["spec"], ray_container(group)
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"), None)
+            empty_dir = (volumes.get(mount["name"]) or {}).get("emptyDir") if mount else None
+            if empty_dir is None or empty_dir.get("medium") != "Memory":
+                problems.append(f"{where} {group_name}: mount an emptyDir with medium: Memory at /dev/shm")
+                continue
+            if "sizeLimit" not in empty_dir:
+                problems.append(f"{where} {group_name}: /dev/shm needs a sizeLimit (it counts against memory)")
+                continue
+            size, memory = quantity(empty_dir["sizeLimit"]), quantity(c["resources"]["limits"]["memory"])
+            if size > memory:
+                problems.append(f"{where} {group_name}: /dev/shm {empty_dir['sizeLimit']} above the memory limit")
+            if size * RAY_SHM_CAP < memory * RAY_OBJECT_STORE_SHARE:
+                problems.append(f"{where} {group_name}: /dev/shm {empty_dir['sizeLimit']} caps Ray's object store "
+                                f"below its default, {RAY_OBJECT_STORE_SHARE:.0%} of the memory limit")
+    assert not problems, "\n".join(problems)
+
+
+# NetworkPolicies ------------------------------------------------------------------------------------------------
+
+NAMESPACE = "rayfine"                 # where k8s/README.md applies everything
+DASHBOARD_PORT = 8265
+SERVE_PORT = 8000
+METRICS_PORTS = {8080, 44217, 44227}  # Ray's metrics export port; the autoscaler's and the dashboard's (heads)
+MONITORING_NAMESPACE = "monitoring"   # kube-prometheus-stack, as k8s/README.md installs it
+# Who may use a head's Jobs API, as documented in k8s/README.md and k8s/networkpolicies.yaml.
+API_SERVER_LABELS = {"app.kubernetes.io/name": "rayfine", "app.kubernetes.io/component": "rayfine-api"}
+OPERATOR_NAMESPACE = "kuberay-system"
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+                   "app.kubernetes.io/component": "kuberay-operator"}  # the kuberay-operator Helm chart's
+# Ports Ray opens inside a cluster, beyond the declared ones: raylet/object manager/worker ports, the dashboard
+# agent, a Serve replica's HTTP port.
+RAY_INTERNAL_PORTS = {6379, 10001, 10002, 52365, 20000, 30000, DASHBOARD_PORT}
+
+
+def ray_cluster_name(doc: dict) -> str:
+    """The RayCluster a resource runs: a RayJob's or RayService's gets a generated name (name-xxxxx)."""
+    name = doc["metadata"]["name"]
+    return name if doc["kind"] == "RayCluster" else f"{name}-x7k2p"
+
+
+def kuberay_pod_labels(doc: dict, group_name: str, group: dict) -> dict:
+    """The labels of a Ray pod as KubeRay v1.7.0 sets them (common/pod.go labelPod): its own, overridden by the
+    template's and the group's `labels`, except ray.io/node-type, ray.io/group and ray.io/cluster."""
+    node_type = "head" if group_name == "headGroupSpec" else "worker"
+    cluster = ray_cluster_name(doc)
+    protected = {"ray.io/node-type": node_type, "ray.io/cluster": cluster,
+                 "ray.io/group": "headgroup" if node_type == "head" else group["groupName"]}
+    labels = {"ray.io/is-ray-node": "yes", "ray.io/identifier": f"{cluster}-{node_type}",
+              "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    labels.update((group["template"].get("metadata") or {}).get("labels") or {})
+    labels.update(group.get("labels") or {})
+    return {**labels, **protected}
+
+
+def ray_pods() -> list[dict]:
+    """One pod per Ray group of every RayCluster, RayJob and RayService, with the labels it gets."""
+    pods = []
+    for where, doc in all_documents():
+        for path, cluster in ray_cluster_specs(doc):
+            for group_name, group in groups(cluster):
+                ports = {p.get("name"): p["containerPort"] for p in ray_container(group).get("ports", [])}
+                pods.append({"name": f"{where} {group_name}", "namespace": NAMESPACE, "kind": doc["kind"],
+                             "cluster": doc["metadata"]["name"], "labels": kuberay_pod_labels(doc, group_name, group),
+                             "ports": ports})
+    return pods
+
+
+def other_pods() -> list[dict]:
+    """Pods that are not Ray pods: the ones allowed in, and ones that must stay out."""
+    def pod(name, namespace, labels):
+        return {"name": name, "namespace": namespace, "labels": labels, "kind": None, "cluster": None, "ports": {}}
+    pods = [pod("rayfine API server", NAMESPACE, API_SERVER_LABELS),
+            pod("KubeRay operator", OPERATOR_NAMESPACE, OPERATOR_LABELS),
+            pod("Prometheus", MONITORING_NAMESPACE, {"app.kubernetes.io/name": "prometheus"}),
+            pod("a pod of the namespace", NAMESPACE, {"run": "rayfine-inspect"}),
+            pod("another rayfine pod", NAMESPACE, {"app.kubernetes.io/name": "rayfine",
+                                                   "app.kubernetes.io/component": "shared-storage"}),
+            pod("API server labels in another namespace", "default", API_SERVER_LABELS),
+            pod("another pod of the operator's namespace", OPERATOR_NAMESPACE, {"app.kubernetes.io/name": "webhook"}),
+            pod("an ingress controller", "ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"}),
+            pod("a client outside the cluster", None, {})]
+    for where, doc in docs_of_kind("RayJob"):
+        template = doc["spec"].get("submitterPodTemplate")
+        if template and doc["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode":
+            labels = {**(template.get("metadata") or {}).get("labels", {}),
+                      "ray.io/originated-from-cr-name": doc["metadata"]["name"],
+                      "ray.io/originated-from-crd": "RayJob", "app.kubernetes.io/created-by": "kuberay-operator"}
+            submitter = pod(f"{where} submitter", NAMESPACE, labels)
+            submitter["submits_to"] = doc["metadata"]["name"]
+            pods.append(submitter)
+    return pods
+
+
+def selector_matches(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        present, values = e["key"] in labels, e.get("values") or []
+        ok = {"In": present and labels.get(e["key"]) in values, "NotIn": not (present and labels[e["key"]] in values),
+              "Exists": present, "DoesNotExist": not present}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def peer_admits(peer: dict, src: dict) -> bool:
+    if "ipBlock" in peer:
+        return True  # not modelled: count it as open to anyone
+    if src["namespace"] is None:
+        return False
+    if "namespaceSelector" in peer:
+        namespace_ok = selector_matches(peer["namespaceSelector"], {"kubernetes.io/metadata.name": src["namespace"]})
+    else:
+        namespace_ok = src["namespace"] == NAMESPACE
+    return namespace_ok and selector_matches(peer.get("podSelector") or {}, src["labels"])
+
+
+def port_admits(entry: dict, port: int, dst: dict) -> bool:
+    if entry.get("protocol", "TCP") != "TCP":
+        return False
+    if "port" not in entry:
+        return True
+    first = dst["ports"].get(entry["port"]) if isinstance(entry["port"], str) else entry["port"]
+    return first is not None and first <= port <= entry.get("endPort", first)
+
+
+def isolating_policies(policies: list[dict], dst: dict) -> list[dict]:
+    return [np for np in policies if dst["namespace"] == NAMESPACE
+            and "Ingress" in np["spec"].get("policyTypes", ["Ingress"])
+            and selector_matches(np["spec"]["podSelector"], dst["labels"])]
+
+
+def ingress_allowed(policies: list[dict], src: dict, dst: dict, port: int) -> bool:
+    """Whether NetworkPolicies let src open a TCP connection to dst:port (policies add up; a pod no policy
+    selects for ingress takes anything)."""
+    selecting = isolating_policies(policies, dst)
+    if not selecting:
+        return True
+    return any((not rule.get("from") or any(peer_admits(p, src) for p in rule["from"]))
+               and (not rule.get("ports") or any(port_admits(e, port, dst) for e in rule["ports"]))
+               for np in selecting for rule in np["spec"].get("ingress") or [])
+
+
+def network_policies() -> list[dict]:
+    return [doc for _, doc in docs_of_kind("NetworkPolicy")]
+
+
+def candidate_ports(dst: dict) -> set[int]:
+    return set(dst["ports"].values()) | RAY_INTERNAL_PORTS | METRICS_PORTS | {SERVE_PORT}
+
+
+def outside_ingress_problems(policies: list[dict]) -> list[str]:
+    """Every way into a Ray pod from outside its own Ray cluster, against what is declared: the serve port of a
+    RayService pod from anywhere, the metrics ports from the monitoring namespace, a head's 8265 from the API
+    server, the KubeRay operator and the RayJob's own submitter. Nothing else, and all of these (the metrics
+    ports the pod declares; the others of METRICS_PORTS may be open too, nothing listens there)."""
+    problems = []
+    for dst in ray_pods():
+        for src in other_pods() + [p for p in ray_pods() if p["cluster"] != dst["cluster"]]:
+            required = set()
+            if dst["kind"] == "RayService":
+                required.add(SERVE_PORT)
+            if dst["labels"]["ray.io/node-type"] == "head" and (
+                    src["name"] in ("rayfine API server", "KubeRay operator")
+                    or src.get("submits_to") == dst["cluster"]):
+                required.add(DASHBOARD_PORT)
+            permitted = set(required)
+            if src["namespace"] == MONITORING_NAMESPACE:
+                required |= METRICS_PORTS & set(dst["ports"].values())
+                permitted |= METRICS_PORTS
+            allowed = {port for port in candidate_ports(dst) if ingress_allowed(policies, src, dst, port)}
+            if allowed - permitted:
+                problems.append(f"{dst['name']}: {src['name']} reaches ports {sorted(allowed - permitted)}")
+            if required - allowed:
+                problems.append(f"{dst['name']}: {src['name']} cannot reach ports {sorted(required - allowed)}")
+    return problems
+
+
+def test_every_network_policy_selects_pods_of_this_deployment():
+    policies = docs_of_kind("NetworkPolicy")
+    assert policies, "no NetworkPolicy under k8s/"
+    known = ray_pods() + other_pods()
+    problems = []
+    for where, np in policies:
+        if (np["metadata"].get("namespace") or NAMESPACE) != NAMESPACE:
+            problems.append(f"{where}: namespace {np['metadata']['namespace']}; the Ray pods are in {NAMESPACE}")
+        if not any(selector_matches(np["spec"]["podSelector"], p["labels"]) for p in ray_pods()):
+            problems.append(f"{where}: spec.podSelector selects no Ray pod (labels: the pod templates' plus "
+                            "ray.io/node-type, ray.io/cluster, ray.io/group that KubeRay adds)")
+        for rule in np["spec"].get("ingress") or []:
+            for peer in rule.get("from") or []:
+                if "podSelector" in peer and not any(peer_admits(peer, p) for p in known):
+                    problems.append(f"{where}: the peer {peer} matches no pod that exists")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_ray_pod_is_isolated_by_a_default_deny_policy():
+    policies = network_policies()
+    problems = []
+    for pod in ray_pods():
+        selecting = isolating_policies(policies, pod)
+        if not any(not np["spec"].get("ingress") for np in selecting):
+            problems.append(f"{pod['name']} (labels {pod['labels']}): no default-deny ingress policy selects it")
+    assert not problems, "\n".join(problems)
+
+
+def test_ray_pods_reach_every_port_of_their_own_cluster_only():
+    policies = network_policies()
+    problems = []
+    for dst in ray_pods():
+        for src in ray_pods():
+            same = src["cluster"] == dst["cluster"]
+            for port in sorted(RAY_INTERNAL_PORTS | set(dst["ports"].values())):
+                allowed = ingress_allowed(policies, src, dst, port)
+                if same and not allowed:
+                    problems.append(f"{dst['name']}: its own cluster's {src['name']} cannot reach port {port}")
+                elif not same and allowed and port in RAY_INTERNAL_PORTS:
+                    problems.append(f"{dst['name']}: {src['name']} of another cluster reaches port {port}")
+    assert not problems, "\n".join(problems)
+
+
+def test_outside_traffic_reaches_only_the_declared_ports():
+    """The dashboard (8265) of a head only from the API server and operator selectors (and the RayJob's
+    submitter); the serve pods only on 8000 (and metrics); metrics only from the monitoring namespace."""
+    problems = outside_ingress_problems(network_policies())
+    assert not problems, "\n".join(problems)
+
+
+def test_serve_port_is_open_to_outside_clients():
+    policies = network_policies()
+    outside = [p for p in other_pods() if p["name"] in ("a client outside the cluster", "an ingress controller")]
+    serve_pods = [p for p in ray_pods() if p["kind"] == "RayService"]
+    assert {p["labels"]["ray.io/node-type"] for p in serve_pods} == {"head", "worker"}
+    for dst in serve_pods:
+        assert dst["ports"].get("serve") == SERVE_PORT, f"{dst['name']}: containerPort {SERVE_PORT} named serve"
+        for src in outside:
+            assert ingress_allowed(policies, src, dst, SERVE_PORT), f"{dst['name']}: {src['name']} cannot reach 8000"
+            assert not ingress_allowed(policies, src, dst, DASHBOARD_PORT), f"{dst['name']}: 8265 open to {src}"
+
+
+def test_prometheus_reaches_what_the_podmonitors_scrape():
+    policies = network_policies()
+    prometheus = next(p for p in other_pods() if p["name"] == "Prometheus")
+    scraped = {monitor["spec"]["selector"]["matchLabels"]["ray.io/node-type"]:
+               [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] for _, monitor in docs_of_kind("PodMonitor")}
+    problems = []
+    for dst in ray_pods():
+        for name in scraped[dst["labels"]["ray.io/node-type"]]:
+            if not ingress_allowed(policies, prometheus, dst, dst["ports"][name]):
+                problems.append(f"{dst['name']}: Prometheus cannot scrape port {name} ({dst['ports'][name]})")
+    assert not problems, "\n".join(problems)
+
+
+def _policy(name: str, pod_selector: dict, ingress: list) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name},
+            "spec": {"podSelector": pod_selector, "policyTypes": ["Ingress"], "ingress": ingress}}
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (_policy("open-heads", {"matchLabels": {"ray.io/node-type": "head"}}, [{}]), "reaches ports"),
+    (_policy("dashboard-from-namespace", {"matchLabels": {"ray.io/node-type": "head"}},
+             [{"from": [{"podSelector": {}}], "ports": [{"port": 8265}]}]),
+     "a pod of the namespace reaches ports [8265]"),
+    (_policy("dashboard-by-name", {"matchLabels": {"ray.io/node-type": "head"}},
+             [{"from": [{"namespaceSelector": {}}], "ports": [{"port": "dashboard"}]}]), "reaches ports [8265]"),
+    (_policy("serve-gcs", {"matchLabels": {"app.kubernetes.io/instance": "rayfine"}},
+             [{"ports": [{"port": 6379}, {"port": 30000, "endPort": 31000}]}]), "reaches ports [6379, 30000]"),
+    (_policy("metrics-anywhere", {"matchLabels": {"app.kubernetes.io/name": "rayfine"}},
+             [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 8080}]}]), "reaches ports [8080]"),
+], ids=["all-open", "dashboard-namespace", "dashboard-named-port", "serve-internal-ports", "metrics"])
+def test_outside_ingress_check_catches(extra, expected):
+    problems = outside_ingress_problems(network_policies() + [extra])
+    assert any(expected in p for p in problems), f"expected a problem mentioning {expected!r}, got {problems}"
+
+
+def test_outside_ingress_check_catches_a_missing_policy():
+    policies = [np for np in network_policies() if np["metadata"]["name"] != "rayfine-ray-dashboard"]
+    assert len(policies) == len(network_policies()) - 1
+    problems = outside_ingress_problems(policies)
+    assert any("KubeRay operator cannot reach ports [8265]" in p for p in problems), problems
+
+
+# PodDisruptionBudget --------------------------------------------------------------------------------------------
+
+def disruption_budget_problems(budgets: list[tuple[str, dict]]) -> list[str]:
+    serve_workers = [p for p in ray_pods() if p["kind"] == "RayService" and p["labels"]["ray.io/node-type"] == "worker"]
+    assert serve_workers
+    most = sum(g.get("maxReplicas", 0) for g in the_one("RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"])
+    problems = []
+    for where, pdb in budgets:
+        spec = pdb["spec"]
+        if pdb["apiVersion"] != "policy/v1":
+            problems.append(f"{where}: apiVersion policy/v1")
+        selected = [p["name"] for p in ray_pods() if selector_matches(spec["selector"], p["labels"])]
+        missed = [p["name"] for p in serve_workers if p["name"] not in selected]
+        extra = [name for name in selected if name not in {p["name"] for p in serve_workers}]
+        if missed or extra or not selected:
+            problems.append(f"{where}: selects {selected}; the serve workers are {[p['name'] for p in serve_workers]}")
+        # RayCluster has no scale subresource: the disruption controller takes only an integer minAvailable.
+        if "maxUnavailable" in spec or not isinstance(spec.get("minAvailable"), int) or spec["minAvailable"] < 1:
+            problems.append(f"{where}: use an integer minAvailable >= 1 (the pods' owner, a RayCluster, has no "
+                            "scale subresource, so maxUnavailable and percentages are not computed)")
+        elif spec["minAvailable"] >= most:
+            problems.append(f"{where}: minAvailable {spec['minAvailable']} with at most {most} serve workers "
+                            "blocks every eviction, so no node of theirs can be drained")
+    return problems
+
+
+def test_serve_workers_have_a_disruption_budget():
+    budgets = docs_of_kind("PodDisruptionBudget")
+    assert budgets, "no PodDisruptionBudget under k8s/"
+    problems = disruption_budget_problems(budgets)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda s: s["selector"]["matchLabels"].update({"app.kubernetes.io/component": "serve-workers"}), "selects []"),
+    (lambda s: [s["selector"]["matchLabels"].pop(k) for k in ("ray.io/node-type", "app.kubernetes.io/component")],
+     "rayservice.yaml#0 headGroupSpec"),
+    (lambda s: s["selector"]["matchLabels"].update({"ray.io/cluster": "rayfine"}), "selects []"),
+    (lambda s: s.update(maxUnavailable=1) or s.pop("minAvailable"), "integer minAvailable"),
+    (lambda s: s.update(minAvailable="50%"), "integer minAvailable"),
+    (lambda s: s.update(minAvailable=4), "blocks every eviction"),
+], ids=["label-typo", "selects-head", "fixed-cluster-name", "max-unavailable", "percentage", "blocks-drains"])
+def test_disruption_budget_check_catches(mutate, expected):
+    where, budget = docs_of_kind("PodDisruptionBudget")[0]
+    budget = copy.deepcopy(budget)
+    mutate(budget["spec"])
+    problems = disruption_budget_problems([(where, budget)])
+    assert any(expected in p for p in problems), f"expected a problem mentioning {expected!r}, got {problems}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
