@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)")
     p.add_argument("--data-dir", default="~/.rayfine/api", help="SQLite state and uploaded files")
+    p.add_argument("--db-path", default=None, metavar="FILE",
+                   help="the SQLite state file (default: DATA_DIR/api.sqlite3); local disk rather than a network "
+                        "volume")
     p.add_argument("--storage", default=None, metavar="DIR",
                    help="run folders, on storage the cluster shares (default: DATA_DIR/runs)")
     p.add_argument("--host", default="127.0.0.1")
@@ -108,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys-env", default="RAYFINE_API_KEYS",
                    help="env var with comma-separated API keys; unset = no authentication")
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest file upload accepted")
+    p.add_argument("--max-active-jobs", type=int, default=8, metavar="N",
+                   help="active jobs per API key (validating, queued or running); 0 = no cap")
+    p.add_argument("--driver-cpus", type=float, default=1.0, metavar="CPUS",
+                   help="CPUs each job's driver reserves on the cluster, so drivers queue for CPUs instead of "
+                        "piling up on the head node (0 = none)")
     p.add_argument("--insecure", action="store_true",
                    help="listen on a non-loopback --host without API keys (refused otherwise)")
     p.set_defaults(func=cmd_api)

@@ -36,7 +36,7 @@ import yaml
 
 from core.config import RunConfig
 from core.errors import UserError
-from core.ray_private import RUNTIME_ENV_PACKAGING_LOGGER
+from core.ray_private import RUNTIME_ENV_PACKAGING_LOGGER, timed_job_submission_client
 
 COMMANDS = ("train", "tune", "run")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -95,34 +95,47 @@ def jobs_address(address: str | None) -> str:
     return address.rstrip("/")
 
 
-class JobsClient:
-    """rayfine's view of Ray's ``JobSubmissionClient``: user errors instead of tracebacks."""
+class ClusterUnreachable(UserError):
+    """The Jobs API did not answer (refused, reset or timed out): the cluster may be restarting."""
 
-    def __init__(self, address: str | None = None):
+
+class JobNotFound(UserError):
+    """The cluster has no job of that id."""
+
+
+REQUEST_TIMEOUT_S = 30.0  # each call to the Jobs API; a job's submission uploads its data within it
+
+
+class JobsClient:
+    """rayfine's view of Ray's ``JobSubmissionClient``: user errors instead of tracebacks, and a timeout on every
+    call (``ClusterUnreachable`` when it passes or the connection fails)."""
+
+    def __init__(self, address: str | None = None, timeout_s: float = REQUEST_TIMEOUT_S):
         self.address = jobs_address(address)
         import logging
-
-        from ray.job_submission import JobSubmissionClient
 
         for name in ("ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk",
                      RUNTIME_ENV_PACKAGING_LOGGER):
             logging.getLogger(name).setLevel(logging.WARNING)
 
         try:
-            self.client = JobSubmissionClient(self.address)
+            self.client = timed_job_submission_client(self.address, timeout_s)
         except Exception as exc:  # ConnectionError, auth errors (RuntimeError), bad URLs
-            raise UserError(f"cannot reach the Ray Jobs API at {self.address}: {_first_line(exc)}"
-                            f"{_auth_hint(exc)}") from None
+            kind = ClusterUnreachable if _unreachable(exc) else UserError
+            raise kind(f"cannot reach the Ray Jobs API at {self.address}: {_first_line(exc)}"
+                       f"{_auth_hint(exc)}") from None
 
     # -- submitting ------------------------------------------------------------------------------------------
 
     def submit(self, cfg: RunConfig, command: str = "train", *, storage: str | None = None,
                data_on_cluster: bool = False, submission_id: str | None = None,
-               metadata: dict[str, str] | None = None, model_name_or_path: str | None = None) -> SubmittedJob:
+               metadata: dict[str, str] | None = None, model_name_or_path: str | None = None,
+               entrypoint_num_cpus: float | None = None) -> SubmittedJob:
         """Submit ``rayfine COMMAND package:rayfine_job_<id>/config.yaml``, the config and its local data shipped with it.
 
         ``model_name_or_path`` overrides the model reference written into the job's config (the CLI passes the
         config file's own ``package:`` form, which load_config resolved to a folder on this machine).
+        ``entrypoint_num_cpus``: CPUs the job's driver reserves (Ray schedules it on a node that has them).
         """
         if command not in COMMANDS:
             raise UserError(f"--command {command}: choose one of {', '.join(COMMANDS)}")
@@ -153,9 +166,13 @@ class JobsClient:
             try:
                 job_id = self.client.submit_job(
                     entrypoint=entrypoint, submission_id=submission_id, metadata=meta,
+                    entrypoint_num_cpus=entrypoint_num_cpus or None,
                     runtime_env={"py_modules": [str(package)],
                                  "env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}})
             except Exception as exc:
+                if _unreachable(exc):
+                    raise ClusterUnreachable(f"the Ray Jobs API at {self.address} did not answer: "
+                                             f"{_first_line(exc)}") from None
                 raise UserError(f"the Ray Jobs API at {self.address} refused the job: {_first_line(exc)}"
                                 f"{_auth_hint(exc)}") from None
         return SubmittedJob(job_id=job_id, run_dir=run_dir)
@@ -210,9 +227,11 @@ class JobsClient:
 
     def _job_error(self, job_id: str, exc: Exception) -> UserError:
         text = _first_line(exc)
+        if _unreachable(exc):
+            return ClusterUnreachable(f"the Ray Jobs API at {self.address} did not answer for job {job_id}: {text}")
         if "404" in text or "does not exist" in text or "not found" in text.lower():
-            return UserError(f"no job {job_id} on the cluster at {self.address} (list them with: ray job list "
-                             f"--address {self.address})")
+            return JobNotFound(f"no job {job_id} on the cluster at {self.address} (list them with: ray job list "
+                               f"--address {self.address})")
         return UserError(f"the Ray Jobs API at {self.address} failed for job {job_id}: {text}{_auth_hint(exc)}")
 
 
@@ -273,6 +292,13 @@ def _copy_entry(entry: str, dest: Path, rel: str) -> str:
         shutil.copy2(path, dest / path.name)
         return f"{rel}/{path.name}"
     raise UserError(f"data: {entry} not found on this machine (if it is on the cluster, pass --data-on-cluster)")
+
+
+def _unreachable(exc: Exception) -> bool:
+    """A connection that failed or timed out (the head is down or restarting), not an answer from Ray."""
+    import requests
+
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
 
 
 def _first_line(exc: Exception) -> str:

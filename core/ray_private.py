@@ -83,3 +83,17 @@ def placement_groups_of_dead_actors(actor_ids: set[str]) -> Iterator[Any]:
         if (pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and not pg.is_detached
                 and pg.creator_actor_dead and pg.creator_actor_id.hex() in actor_ids):
             yield PlacementGroup(PlacementGroupID(pg.placement_group_id))
+
+
+def timed_job_submission_client(address: str, timeout_s: float):
+    """Ray's ``JobSubmissionClient`` whose every HTTP request (the version check in its constructor included)
+    gives up after ``timeout_s``: the public client waits forever on a head that accepts connections and never
+    answers. Overrides the private ``_do_request``, through which all its REST calls go."""
+    from ray.job_submission import JobSubmissionClient
+
+    class TimedJobSubmissionClient(JobSubmissionClient):
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any):
+            kwargs.setdefault("timeout", timeout_s)
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return TimedJobSubmissionClient(address)

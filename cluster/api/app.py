@@ -1,19 +1,21 @@
 """``build_app``: the FastAPI app of ``rayfine api`` (OpenAI's files and fine-tuning jobs endpoints).
 
 Request handlers only check requests, read and write the store and wake the runner; the runner thread does
-everything slow (file validation, Ray calls). Two ASGI middlewares wrap the routes: API keys (401 in
+everything slow (file validation, submitting and following Ray jobs). A cancel asks Ray to stop the job itself,
+with a timeout and without holding the runner's lock. Two ASGI middlewares wrap the routes: API keys (401 in
 OpenAI's shape; ``/healthz`` stays open for probes) and the upload cap (413 before a too-large body is read).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from fastapi import FastAPI, File, Form, Query, UploadFile
+from fastapi import FastAPI, File, Form, Header, Query, UploadFile
 from fastapi.responses import FileResponse
 
 from cluster.api import protocol
@@ -21,7 +23,7 @@ from cluster.api.errors import APIError, file_too_large, install_error_handlers,
 from cluster.api.hyperparams import build_job_config, resolve
 from cluster.api.runner import JobRunner, default_client_factory
 from cluster.api.settings import ApiSettings
-from cluster.api.store import BadCursor, Store, new_id
+from cluster.api.store import BadCursor, StateLock, Store, new_id
 from cluster.api.validation import check_upload
 from core.openai_errors import bearer_key_ok, send_unauthorized
 
@@ -34,10 +36,13 @@ COPY_CHUNK = 1 << 20
 def build_app(settings: ApiSettings, jobs_client: Any = None) -> FastAPI:
     """The app; ``jobs_client`` is a ready ``cluster.jobs.JobsClient`` (else one is made on first use)."""
     settings.files_dir.mkdir(parents=True, exist_ok=True)
+    lock = StateLock(settings.db_path)
+    lock.acquire()  # UserError while another server runs on this state
     store = Store(settings.db_path)
     factory = (lambda: jobs_client) if jobs_client is not None else default_client_factory(settings.address)
     runner = JobRunner(store, settings.storage, settings.poll_interval_s, factory,
-                       {name: m.model_reference for name, m in settings.base_models.items()})
+                       {name: m.model_reference for name, m in settings.base_models.items()},
+                       driver_cpus=settings.driver_cpus)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -46,6 +51,8 @@ def build_app(settings: ApiSettings, jobs_client: Any = None) -> FastAPI:
             yield
         finally:
             runner.stop()
+            store.close()
+            lock.release()
 
     app = FastAPI(title="rayfine fine-tuning API", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.settings, app.state.store, app.state.runner = settings, store, runner
@@ -234,8 +241,15 @@ def _paged(fetch):
 # ---- fine-tuning jobs ----------------------------------------------------------------------------------------
 def _add_job_routes(app: FastAPI, settings: ApiSettings, store: Store, runner: JobRunner) -> None:
     @app.post("/v1/fine_tuning/jobs")
-    def create_job(request: protocol.JobCreateRequest) -> dict[str, Any]:
-        row = _new_job(settings, store, request)
+    def create_job(request: protocol.JobCreateRequest,
+                   authorization: Optional[str] = Header(default=None)) -> dict[str, Any]:
+        owner = key_owner(authorization)
+        cap = settings.max_active_jobs_per_key
+        if cap and store.active_jobs_of(owner) >= cap:
+            raise APIError(429, f"This API key already has {cap} active fine-tuning jobs, the most this server "
+                                "runs at once for one key; wait for one to finish or cancel one.",
+                           code="too_many_active_jobs")
+        row = _new_job(settings, store, request) | {"owner": owner}
         store.add_job(row)
         store.add_event(row["id"], f"Created fine-tuning job: {row['id']}")
         files = f"training file {row['training_file']}" + (
@@ -271,6 +285,14 @@ def _add_job_routes(app: FastAPI, settings: ApiSettings, store: Store, runner: J
         job = _job(store, job_id)
         rows, more = _paged(lambda: store.list_checkpoints(job_id, after, limit))
         return protocol.page([protocol.checkpoint_object(r, job["fine_tuned_model"]) for r in rows], more)
+
+
+def key_owner(authorization: Optional[str]) -> str:
+    """Who a job belongs to for the per-key cap: a hash of the request's API key (never the key itself); "" when
+    the server runs without keys."""
+    if not authorization:
+        return ""
+    return hashlib.sha256(authorization.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def _job(store: Store, job_id: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from cluster.api import progress
 from cluster.api.errors import APIError
 from cluster.api.store import ACTIVE, TERMINAL, Store, new_id
 from cluster.api.validation import check_job_files
+from cluster.jobs import ClusterUnreachable, JobNotFound
 from core.config import RunConfig
 from core.errors import UserError
 from core.model_folder import MODEL_INFO
@@ -42,9 +43,12 @@ class JobRunner:
 
     def __init__(self, store: Store, storage: Path, poll_interval_s: float = 2.0,
                  client_factory: Optional[Callable[[], Any]] = None,
-                 base_models: Optional[dict[str, Optional[str]]] = None):
-        """``base_models``: the served base model names, each with its ``package:`` model reference or None."""
+                 base_models: Optional[dict[str, Optional[str]]] = None, driver_cpus: float = 1.0):
+        """``base_models``: the served base model names, each with its ``package:`` model reference or None.
+        ``driver_cpus``: CPUs each job's driver reserves (its entrypoint resources), so that drivers queue for
+        the cluster's CPUs instead of piling up on the head node."""
         self.store, self.storage, self.poll_interval_s = store, storage, poll_interval_s
+        self.driver_cpus = driver_cpus
         self._client_factory = client_factory or default_client_factory(None)
         self._client = None
         self._cluster_problem: Optional[str] = None
@@ -53,7 +57,7 @@ class JobRunner:
         self._told_waiting: set[str] = set()
         self._first_report: dict[str, tuple[int, float]] = {}  # per job: (step, time) of the first report read
         self.base_models = base_models
-        self._lock = threading.RLock()  # held for status transitions shared with cancel
+        self._lock = threading.RLock()  # held for status transitions shared with cancel; never around a Ray call
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -78,7 +82,11 @@ class JobRunner:
             self._wake.clear()
 
     def tick(self) -> None:
-        """One pass over the active jobs (also the startup reconciliation)."""
+        """One pass over the active jobs and the Ray jobs still to stop (also the startup reconciliation)."""
+        try:
+            self.stop_pending()
+        except Exception:  # noqa: BLE001 - the jobs below must still move
+            logger.exception("unexpected error while stopping the Ray jobs of cancelled jobs")
         for job in self.store.active_jobs():
             if self._stopping.is_set():
                 return
@@ -149,34 +157,42 @@ class JobRunner:
 
     # ---- queued: submit ------------------------------------------------------------------------------------
     def submit(self, job: dict[str, Any]) -> None:
+        """Submit a queued job as its Ray job. No lock is held while Ray is called: a cancel that lands meanwhile
+        wins the compare-and-set below, and the Ray job just submitted is stopped (``stop_pending``)."""
         try:
             client = self.client()
         except UserError as exc:
-            if job["id"] not in self._told_waiting:  # once, so the events say why the job is not moving
-                self._told_waiting.add(job["id"])
-                self.store.add_event(job["id"], f"Waiting for the Ray cluster: {exc}", level="warn")
+            return self._waiting(job, exc)
+        current = self.store.get_job(job["id"])
+        if current is None or current["status"] != "queued" or current["submitted"]:
+            return
+        try:
+            run_dir = self._find_submitted(client, job) or self._submit(client, job)
+        except ClusterUnreachable as exc:  # not the job's fault: it waits, however long the cluster is away
+            self._client = None
+            return self._waiting(job, exc)
+        except UserError as exc:
+            self._submit_failed(job, str(exc))
             return
         self._told_waiting.discard(job["id"])
-        with self._lock:
-            current = self.store.get_job(job["id"])
-            if current is None or current["status"] != "queued" or current["submitted"]:
-                return
-            try:
-                run_dir = self._find_submitted(client, job) or self._submit(client, job)
-            except UserError as exc:
-                self._submit_failed(job, str(exc))
-                return
-            self.store.update_job(job["id"], only_if=("queued",), submitted=1, run_dir=run_dir)
-            self.store.add_event(job["id"], f"Submitted to the Ray cluster as Ray job {job['ray_job_id']}")
         self._submit_failures.pop(job["id"], None)
+        if not self.store.update_job(job["id"], only_if=("queued",), submitted=1, run_dir=run_dir):
+            logger.info("%s: cancelled while it was being submitted; its Ray job will be stopped", job["id"])
+            return
+        self.store.add_event(job["id"], f"Submitted to the Ray cluster as Ray job {job['ray_job_id']}")
         logger.info("%s: submitted as Ray job %s (run folder %s)", job["id"], job["ray_job_id"], run_dir)
         job.update(submitted=1, run_dir=run_dir)
+
+    def _waiting(self, job: dict[str, Any], exc: UserError) -> None:
+        if job["id"] not in self._told_waiting:  # once, so the events say why the job is not moving
+            self._told_waiting.add(job["id"])
+            self.store.add_event(job["id"], f"Waiting for the Ray cluster: {exc}", level="warn")
 
     def _find_submitted(self, client, job: dict[str, Any]) -> Optional[str]:
         """The run folder of a Ray job submitted before a restart, or None if there is none."""
         try:
             client.status(job["ray_job_id"])
-        except UserError:
+        except JobNotFound:
             return None
         return str(self.storage / job["id"])
 
@@ -187,7 +203,7 @@ class JobRunner:
         if reference:  # a package: model is resolved where the job runs
             extra["model_name_or_path"] = reference
         submitted = client.submit(cfg, "train", storage=str(self.storage), data_on_cluster=True,
-                                  submission_id=job["ray_job_id"],
+                                  submission_id=job["ray_job_id"], entrypoint_num_cpus=self.driver_cpus,
                                   metadata={"rayfine_job_id": job["id"], "model": job["model"]}, **extra)
         return str(submitted.run_dir)
 
@@ -209,6 +225,10 @@ class JobRunner:
             return
         try:
             state = client.status(job["ray_job_id"])
+        except ClusterUnreachable:
+            self._client = None  # the cluster is away (a head restart), not the job: wait for it
+            self._unreadable_since.pop(job["id"], None)
+            return
         except UserError as exc:
             self._client = None  # the next tick checks that the cluster itself is reachable
             self._unreadable(job, str(exc))
@@ -298,26 +318,59 @@ class JobRunner:
 
     # ---- cancel (request threads) --------------------------------------------------------------------------
     def cancel(self, job_id: str) -> dict[str, Any]:
-        """Stop the job's Ray job and mark it cancelled; APIError when it has already finished."""
+        """Mark the job cancelled and stop its Ray job; APIError when it has already finished.
+
+        Ray is called without the lock. A Ray job that cannot be stopped now (the cluster is away), or that a
+        submission in flight may yet create, is recorded as ``stop_pending``: the runner stops it at its next
+        ticks, also after a restart of the server."""
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise APIError(404, f"No such fine-tuning job: '{job_id}'.", param="fine_tuning_job_id",
+                           code="not_found")
+        stopped = False
+        if job["submitted"] and job["status"] in ACTIVE:
+            try:
+                stopped = self._stop_ray_job(job) != "absent"
+            except ClusterUnreachable as exc:
+                logger.warning("%s: cannot reach the Ray cluster to stop its job now (retrying): %s", job_id, exc)
         with self._lock:
-            job = self.store.get_job(job_id)
-            if job is None:
-                raise APIError(404, f"No such fine-tuning job: '{job_id}'.", param="fine_tuning_job_id",
-                               code="not_found")
-            if job["submitted"] and job["status"] in ACTIVE:
-                try:
-                    client = self.client()
-                    if not client.stop(job["ray_job_id"]):
-                        self.follow(job)  # it had finished: record how, and say so below
-                except UserError as exc:
-                    raise APIError(503, f"Cannot reach the Ray cluster to stop the job: {exc}",
-                                   code="cluster_unavailable") from None
-            if job["status"] in TERMINAL:
-                raise APIError(400, f"The job {job_id} has already ended with status '{job['status']}'; only "
-                                    "validating_files, queued or running jobs can be cancelled.",
-                               param="fine_tuning_job_id", code="invalid_job_status")
-            self.transition(job, "cancelled", "The job has been cancelled")
-            return self.store.get_job(job_id)
+            if job["status"] in ACTIVE:
+                pending = int(job["status"] != "validating_files" and not stopped)
+                if self.transition(job, "cancelled", "The job has been cancelled", stop_pending=pending):
+                    return self.store.get_job(job_id)
+                job = self.store.get_job(job_id)
+        raise APIError(400, f"The job {job_id} has already ended with status '{job['status']}'; only "
+                            "validating_files, queued or running jobs can be cancelled.",
+                       param="fine_tuning_job_id", code="invalid_job_status")
+
+    def _stop_ray_job(self, job: dict[str, Any]) -> str:
+        """Stop the job's Ray job: "stopped", "ended" (it had finished; ``follow`` recorded how) or "absent"
+        (never submitted: a cancel before the submission). Raises ClusterUnreachable."""
+        try:
+            if self.client().stop(job["ray_job_id"]):
+                return "stopped"
+            if job["status"] in ACTIVE:
+                self.follow(job)
+            return "ended"
+        except JobNotFound:
+            return "absent"
+        except ClusterUnreachable:
+            self._client = None
+            raise
+        except UserError as exc:
+            raise ClusterUnreachable(str(exc)) from None
+
+    def stop_pending(self) -> None:
+        """Stop the Ray jobs of cancelled jobs that could not be stopped when they were cancelled."""
+        for job in self.store.jobs_to_stop():
+            try:
+                outcome = self._stop_ray_job(job)
+            except ClusterUnreachable:
+                return  # the next tick tries again
+            self.store.update_job(job["id"], stop_pending=0)
+            if outcome == "stopped":
+                self.store.add_event(job["id"], f"Stopped the Ray job {job['ray_job_id']}")
+                logger.info("%s: stopped its Ray job %s after the cancel", job["id"], job["ray_job_id"])
 
 
 def _timestamp(value: Optional[float]) -> int:

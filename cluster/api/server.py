@@ -27,6 +27,8 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         raise UserError(f"--max-upload-mb: must be a positive number of megabytes (got {args.max_upload_mb})")
     if not 0 < args.port < 65536:
         raise UserError(f"--port: must be 1-65535 (got {args.port})")
+    if getattr(args, "max_active_jobs", 0) < 0 or getattr(args, "driver_cpus", 0) < 0:
+        raise UserError("--max-active-jobs and --driver-cpus: must be 0 or more")
     keys = read_api_keys(args.api_keys_env)
     if not keys and not is_loopback(args.host) and not getattr(args, "insecure", False):
         raise UserError(f"--host {args.host}: without API keys anyone who reaches this port could upload files and "
@@ -37,7 +39,9 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
     return ApiSettings(
         base_models=load_base_models(list(args.configs)), data_dir=data_dir, storage=storage,
         address=args.address, api_keys_env=args.api_keys_env, host=args.host, port=args.port,
-        max_upload_bytes=int(float(args.max_upload_mb or 512) * 2**20), api_keys=keys)
+        max_upload_bytes=int(float(args.max_upload_mb or 512) * 2**20), api_keys=keys,
+        db_file=Path(args.db_path).expanduser().resolve() if getattr(args, "db_path", None) else None,
+        max_active_jobs_per_key=getattr(args, "max_active_jobs", 8), driver_cpus=getattr(args, "driver_cpus", 1.0))
 
 
 def is_loopback(host: str) -> bool:
@@ -69,7 +73,7 @@ def _banner(settings: ApiSettings, where: str) -> str:
     for m in settings.base_models.values():
         cfg = m.config
         lines.append(f"    {m.name:<24} {cfg.task}, {cfg.model.name_or_path} ({m.config_path})")
-    lines += [f"  data: {settings.data_dir}", f"  run folders: {settings.storage}"]
+    lines += [f"  data: {settings.data_dir}  (state: {settings.db_path})", f"  run folders: {settings.storage}"]
     if settings.api_keys:
         lines.append(f"  auth: on (Authorization: Bearer KEY, keys from ${settings.api_keys_env})")
     else:
@@ -86,9 +90,11 @@ def api_command(args: argparse.Namespace) -> int:
     from cluster.jobs import JobsClient
 
     settings = settings_from_args(args)
-    client = JobsClient(settings.address)  # UserError (exit 1) if the cluster cannot be reached
+    # UserError (exit 1) if the cluster cannot be reached at start (a wrong address is caught here); once
+    # running, the server waits out a cluster that goes away.
+    client = JobsClient(settings.address)
     settings.storage.mkdir(parents=True, exist_ok=True)
-    app = build_app(settings, jobs_client=client)
+    app = build_app(settings, jobs_client=client)  # UserError: another server holds this state
     _configure_logging()
     print(_banner(settings, client.address), flush=True)
     try:

@@ -43,6 +43,9 @@ class ApiSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: frozenset[str] = field(default_factory=frozenset)
+    db_file: Optional[Path] = None  # the SQLite file when not DATA_DIR/api.sqlite3 (e.g. on local disk)
+    max_active_jobs_per_key: int = 8  # 0: no cap
+    driver_cpus: float = 1.0  # CPUs each job's driver reserves on the cluster (0: none)
 
     @property
     def files_dir(self) -> Path:
@@ -50,7 +53,7 @@ class ApiSettings:
 
     @property
     def db_path(self) -> Path:
-        return self.data_dir / "api.sqlite3"
+        return self.db_file or self.data_dir / "api.sqlite3"
 
 
 def parse_base_model_arg(arg: str) -> tuple[str, Path]:

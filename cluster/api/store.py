@@ -10,14 +10,19 @@ anyway; WAL lets a second process, e.g. a test, read while the server writes).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import secrets
+import socket
 import sqlite3
 import string
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from core.errors import UserError
 
 ACTIVE = ("validating_files", "queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -34,7 +39,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     seed INTEGER NOT NULL, metadata TEXT, status TEXT NOT NULL, error TEXT, fine_tuned_model TEXT NOT NULL,
     created_at INTEGER NOT NULL, finished_at INTEGER, ray_job_id TEXT NOT NULL, submitted INTEGER NOT NULL DEFAULT 0,
     run_dir TEXT, metrics_offset INTEGER NOT NULL DEFAULT 0, total_steps INTEGER, trained_tokens INTEGER,
-    config TEXT NOT NULL, estimated_finish INTEGER, method TEXT);
+    config TEXT NOT NULL, estimated_finish INTEGER, method TEXT, owner TEXT, stop_pending INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
     created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
@@ -45,13 +50,44 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     step INTEGER NOT NULL, created_at INTEGER NOT NULL, metrics TEXT NOT NULL, UNIQUE (job_id, name));
 """
 # Columns added after the first release: (table, column, type), added to an older database when it is opened.
-_ADDED_COLUMNS = (("jobs", "estimated_finish", "INTEGER"), ("jobs", "method", "TEXT"))
+_ADDED_COLUMNS = (("jobs", "estimated_finish", "INTEGER"), ("jobs", "method", "TEXT"), ("jobs", "owner", "TEXT"),
+                  ("jobs", "stop_pending", "INTEGER NOT NULL DEFAULT 0"))
 _JSON_COLUMNS = {"hyperparameters", "metadata", "error", "data", "metrics", "config"}
 
 
 def new_id(prefix: str) -> str:
     """``prefix-`` and 24 random letters and digits (about 143 bits), like OpenAI's ids."""
     return f"{prefix}-" + "".join(secrets.choice(_ALPHABET) for _ in range(24))
+
+
+class StateLock:
+    """An exclusive lock on the state, held while a server runs: a second server on the same SQLite file (a
+    rolling update that starts the new pod before the old one stops) refuses to start instead of following the
+    same jobs twice. A ``flock`` on ``FILE.lock`` beside the SQLite file, released by the kernel if the
+    process dies."""
+
+    def __init__(self, db_path: Path):
+        self.path = db_path.with_name(db_path.name + ".lock")
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.path.with_suffix('')}: another rayfine api server ({holder}) uses this state; "
+                            "stop it first, or give this one its own --data-dir or --db-path") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
 
 
 class BadCursor(ValueError):
@@ -141,6 +177,16 @@ class Store:
     def active_jobs(self) -> list[dict[str, Any]]:
         return self._rows(f"SELECT * FROM jobs WHERE status IN ({', '.join('?' * len(ACTIVE))}) ORDER BY seq",
                           ACTIVE)
+
+    def active_jobs_of(self, owner: str) -> int:
+        """How many active jobs ``owner`` (an API key's hash) has."""
+        row = self._one(f"SELECT COUNT(*) AS n FROM jobs WHERE owner = ? AND status IN "
+                        f"({', '.join('?' * len(ACTIVE))})", [owner, *ACTIVE])
+        return row["n"] if row else 0
+
+    def jobs_to_stop(self) -> list[dict[str, Any]]:
+        """Cancelled jobs whose Ray job may still run (``stop_pending``)."""
+        return self._rows("SELECT * FROM jobs WHERE stop_pending = 1 ORDER BY seq")
 
     def update_job(self, job_id: str, only_if: Iterable[str] = (), **fields: Any) -> bool:
         """Set ``fields``; with ``only_if``, only while the job's status is one of them (compare-and-set, so a
