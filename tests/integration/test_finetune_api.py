@@ -1,11 +1,12 @@
 """``rayfine api`` end to end: the real server process, a real Ray cluster (head + worker node, token auth) and
 the official ``openai`` package.
 
-A tiny BERT base model and a tiny Llama. In order: a malformed upload is refused naming its line; a job whose validation file
-has a label the training file lacks fails in validating_files; a job is cancelled once it runs as a Ray job
-(and its Ray job is stopped); a job runs to succeeded while the server is restarted mid-run (the restarted
-server reconciles it from Ray and the run folder); its fine-tuned model, run folder and checkpoints are
-checked; a final restart lists every job with the same status; a DPO job on the Llama runs to succeeded.
+A tiny BERT base model and a tiny Llama. In order: a malformed upload is refused naming its line; a job whose
+validation file has a label the training file lacks fails in validating_files; a DPO job on the Llama is
+validated, submitted and cancelled (and its Ray job is stopped); a job runs to succeeded while the server is
+restarted mid-run (the restarted server reconciles it from Ray and the run folder); its fine-tuned model, run
+folder and checkpoints are checked; a final restart lists every job with the same status. DPO training itself is
+tested in test_train_dpo.py.
 """
 
 from __future__ import annotations
@@ -165,9 +166,16 @@ def test_a_bad_validation_file_fails_the_job_in_validating_files(sdk):
     assert failed.fine_tuned_model is None
 
 
-def test_cancel_stops_the_ray_job(sdk, jobs_client):
-    train = upload(sdk, sentiment_rows(256, seed=3), "long-train.jsonl")
-    job = sdk.fine_tuning.jobs.create(model=BASE, training_file=train.id, hyperparameters={"n_epochs": 20})
+def test_a_dpo_job_is_validated_submitted_and_cancelled(sdk, jobs_client):
+    from tests.conftest import preference_rows
+
+    # A DPO job on the Llama base: its preference records pass the upload and job checks, it is submitted as a
+    # Ray job, and cancel stops that Ray job.
+    train = upload(sdk, preference_rows(32, seed=6), "pairs.jsonl")
+    val = upload(sdk, preference_rows(8, seed=7), "pairs-val.jsonl")
+    job = sdk.fine_tuning.jobs.create(model=LM, training_file=train.id, validation_file=val.id, suffix="dpo", method={
+        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 20}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.25
     deadline = time.time() + 60
     while not any(e.message.startswith("Submitted to the Ray cluster")
                   for e in sdk.fine_tuning.jobs.list_events(job.id, limit=50)):
@@ -175,6 +183,7 @@ def test_cancel_stops_the_ray_job(sdk, jobs_client):
         time.sleep(0.5)
     cancelled = sdk.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    assert cancelled.method.type == "dpo" and cancelled.fine_tuned_model is None
     assert jobs_client.wait(f"rayfine-{job.id}", timeout=60) == "STOPPED"
     with pytest.raises(openai.BadRequestError):
         sdk.fine_tuning.jobs.cancel(job.id)
@@ -243,25 +252,5 @@ def test_a_restart_keeps_every_job_and_status(api, sdk):
     api.restart()
     after = {j.id: (j.status, j.fine_tuned_model) for j in sdk.fine_tuning.jobs.list(limit=100)}
     assert after == before
-    assert len(list(sdk.files.list())) == 5
+    assert len(list(sdk.files.list())) == 6
     assert os.path.isfile(Path(api.cmd[api.cmd.index("--data-dir") + 1]) / "api.sqlite3")
-
-
-def test_a_dpo_job_runs_to_succeeded(sdk, ray_head):
-    from tests.conftest import preference_rows
-
-    train = upload(sdk, preference_rows(32, seed=6), "pairs.jsonl")
-    val = upload(sdk, preference_rows(8, seed=7), "pairs-val.jsonl")
-    job = sdk.fine_tuning.jobs.create(model=LM, training_file=train.id, validation_file=val.id, suffix="dpo",
-                                      method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25}}})
-    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.25
-    done = wait_for(sdk, job.id, {"succeeded", "failed"}, timeout=240)
-    assert done.status == "succeeded", done.error
-    assert done.fine_tuned_model == f"ft:{LM}:dpo:{job.id}" and done.method.type == "dpo"
-    run_dir = ray_head.storage / "api-runs" / job.id
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert config["training"]["method"] == "dpo" and config["training"]["beta"] == 0.25
-    validation = json.loads((run_dir / "eval.json").read_text())["validation"]
-    assert validation["num_pairs"] == 8 and 0.0 <= validation["reward_accuracy"] <= 1.0
-    messages = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100)]
-    assert any("final validation loss=" in m for m in messages), messages
