@@ -6,6 +6,7 @@ package turns these into its typed exceptions (``BadRequestError``, ``Authentica
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -39,18 +40,38 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+DIGESTS_SUFFIX = "_SHA256"  # ``{api_keys_env}_SHA256``: the keys' SHA-256 digests, comma-separated
+
+
 def read_api_keys(env_var: str) -> frozenset[str]:
     """The comma-separated keys in ``env_var``; empty = no authentication."""
     raw = os.environ.get(env_var, "")
     return frozenset(key.strip() for key in raw.split(",") if key.strip())
 
 
-def bearer_key_ok(headers: dict[bytes, bytes], keys: frozenset[str]) -> bool:
-    """Whether an ASGI request's ``Authorization: Bearer KEY`` names one of ``keys``."""
+def key_digest(key: str | bytes) -> str:
+    """A key's SHA-256, hex: what a server keeps and compares, so a key never has to travel or be stored in
+    plain text (the Serve replicas get digests, which Ray's dashboard may show)."""
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).hexdigest()
+
+
+def read_api_key_digests(env_var: str) -> frozenset[str]:
+    """The digests of the keys in ``env_var`` and those listed in ``{env_var}_SHA256``; empty = no
+    authentication."""
+    raw = os.environ.get(env_var + DIGESTS_SUFFIX, "")
+    listed = {d.strip().lower() for d in raw.split(",") if d.strip()}
+    return frozenset(listed | {key_digest(key) for key in read_api_keys(env_var)})
+
+
+def bearer_key_ok(headers: dict[bytes, bytes], digests: frozenset[str]) -> bool:
+    """Whether an ASGI request's ``Authorization: Bearer KEY`` is a key whose ``key_digest`` is in ``digests``."""
     scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-    # compare_digest: no timing hints about how much of a key matched. On bytes: it refuses str with non-ASCII
-    # characters, and a header may carry any byte (a wrong key, never a server error).
-    return scheme.lower() == b"bearer" and any(hmac.compare_digest(token.strip(), key.encode()) for key in keys)
+    if scheme.lower() != b"bearer":
+        return False
+    # compare_digest: no timing hints about how much matched. On the token's bytes: a header may carry any byte
+    # (a wrong key, never a server error).
+    presented = key_digest(token.strip()).encode()
+    return any(hmac.compare_digest(presented, digest.encode()) for digest in digests)
 
 
 async def send_error(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:

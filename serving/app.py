@@ -12,8 +12,10 @@ batch while the previous one runs), so the next batch takes everything that arri
 keeps health checks on its own loop. A request alone in the replica skips the batch queue (and its
 ``batch_wait_timeout_s``): there is no company to wait for.
 
-API keys are read once, when the replica starts, from the env var named by ``serve.api_keys_env`` (Ray
-workers see the driver's environment only through ``runtime_env``; ``serving.deploy`` passes it).
+API keys are read once, when the replica starts, from the env var named by ``serve.api_keys_env`` (set on the
+Ray nodes, e.g. from a Kubernetes Secret) and as SHA-256 digests from ``{serve.api_keys_env}_SHA256``, which
+``serving.deploy`` passes through the ``runtime_env`` (Ray workers see the driver's environment only that way,
+and Ray's dashboard shows runtime envs: so only digests travel). The replica keeps digests only.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ray import serve
 
 from core.config import ServeConfig
 from core.errors import ConfigError
-from core.openai_errors import read_api_keys
+from core.openai_errors import read_api_key_digests
 from serving.model_folder import ModelSpec, load_model_spec
 
 logger = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ class ModelServer:
         device = "cuda" if self.cfg.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
         self.model = build_task_model(self.spec, device, self.cfg.max_input_tokens,
                                       trust_remote_code or self.cfg.trust_remote_code)
-        self.api_keys = read_api_keys(self.cfg.api_keys_env)
+        self.api_keys = read_api_key_digests(self.cfg.api_keys_env)  # digests only
         self.telemetry = Telemetry(self.spec.model_id)
         self.access_log = access_logger()
         self.in_flight = 0

@@ -18,6 +18,7 @@ import yaml
 
 from core.config import ServeConfig
 from core.errors import UserError
+from core.openai_errors import DIGESTS_SUFFIX, key_digest, read_api_keys
 from core.ray_private import HAPROXY_ENV, PROXY_CALLBACK_ENV, serve_http_port
 from serving.app import DEPLOYMENT_NAME, bind_app, deployment_options
 from serving.errors import PROXY_CALLBACK
@@ -45,15 +46,17 @@ def deploy(model_dir: Path, serve_cfg: ServeConfig, *, name: str = APP_NAME, tru
     /healthz answers; return the base URL (``address``: the cluster's, to name its host in the URL).
 
     Starts Serve with ``serve_cfg``'s HTTP options unless it is already running (then its proxy's options
-    stay, and the URL uses its port). The env var named by ``serve.api_keys_env`` is passed to the replicas
-    through their ``runtime_env`` when it is set here (Ray's dashboard shows runtime envs: keep 8265
-    private, as for everything else); replicas also see it when it is set on the Ray nodes themselves.
+    stay, and the URL uses its port). The keys in the env var named by ``serve.api_keys_env`` reach the
+    replicas as SHA-256 digests in ``{serve.api_keys_env}_SHA256`` of their ``runtime_env`` (Ray's dashboard
+    and ``serve status`` show runtime envs, so never the keys themselves); replicas also read the env var
+    when it is set on the Ray nodes.
     """
     from ray import serve
 
     port = start_serve(serve_cfg)
-    keys = os.environ.get(serve_cfg.api_keys_env)
-    env_vars = {serve_cfg.api_keys_env: keys} if keys else None
+    keys = read_api_keys(serve_cfg.api_keys_env)
+    env_vars = ({serve_cfg.api_keys_env + DIGESTS_SUFFIX: ",".join(sorted(key_digest(k) for k in keys))}
+                if keys else None)
     app = bind_app(model_dir, serve_cfg, trust_remote_code, env_vars)
     try:
         serve.run(app, name=name, route_prefix=serve_cfg.route_prefix, blocking=False,

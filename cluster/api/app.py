@@ -25,7 +25,7 @@ from cluster.api.runner import JobRunner, default_client_factory
 from cluster.api.settings import ApiSettings
 from cluster.api.store import BadCursor, StateLock, Store, new_id
 from cluster.api.validation import check_upload
-from core.openai_errors import bearer_key_ok, send_unauthorized
+from core.openai_errors import bearer_key_ok, key_digest, send_unauthorized
 
 logger = logging.getLogger("cluster.api")
 OPEN_PATHS = frozenset({"/healthz"})
@@ -70,7 +70,7 @@ class ApiKeyAuth:
     """``Authorization: Bearer KEY`` on every route but /healthz, when keys are configured."""
 
     def __init__(self, app, keys: frozenset[str]):
-        self.app, self.keys = app, keys
+        self.app, self.keys = app, frozenset(key_digest(key) for key in keys)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and self.keys and scope["path"] not in OPEN_PATHS:

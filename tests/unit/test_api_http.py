@@ -278,3 +278,16 @@ def test_models_and_health(client):
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["minilm"]
     assert client.get("/healthz").json()["models"] == ["minilm"]
+
+
+def test_keys_are_checked_by_digest_from_either_env_var(monkeypatch):
+    from core.openai_errors import bearer_key_ok, key_digest, read_api_key_digests
+
+    monkeypatch.setenv("TEST_KEYS", " a-key, b-key ")
+    monkeypatch.setenv("TEST_KEYS_SHA256", key_digest("c-key").upper())
+    digests = read_api_key_digests("TEST_KEYS")
+    assert digests == {key_digest("a-key"), key_digest("b-key"), key_digest("c-key")}
+    for key, ok in (("a-key", True), ("b-key", True), ("c-key", True), ("d-key", False), (key_digest("c-key"), False)):
+        assert bearer_key_ok({b"authorization": f"Bearer {key}".encode()}, digests) is ok, key
+    assert not bearer_key_ok({b"authorization": b"Bearer \xff"}, digests)
+    assert read_api_key_digests("UNSET_KEYS_VAR") == frozenset()
