@@ -34,6 +34,7 @@ from core.ray_private import (
     DRAINING_PERIOD_ENV,
     HAPROXY_BINARY_ENV,
     HAPROXY_ENV,
+    HAPROXY_PATH_ENVS,
     HAPROXY_PORT_ENVS,
     serve_proxy_classes,
 )
@@ -51,7 +52,7 @@ _LOCAL_PORT_ENVS = HAPROXY_PORT_ENVS
 # default, 30 s, is for cloud load balancers). A local instance has one node and one HAProxy, reconfigured
 # within a second: a 30 s hold would only make `rayfine serve` take 30 s to stop.
 _DRAIN_ENV, _LOCAL_DRAIN_S = DRAINING_PERIOD_ENV, "2"
-LOCAL_ENV = (HAPROXY_ENV, *_LOCAL_PORT_ENVS, _DRAIN_ENV)  # every env var use_ingress may set
+LOCAL_ENV = (HAPROXY_ENV, *_LOCAL_PORT_ENVS, _DRAIN_ENV, *HAPROXY_PATH_ENVS)  # every env var use_ingress may set
 
 # The ingress use_ingress chose when it did not follow serve.proxy (the env's explicit choice, or the fallback
 # without a binary): the user chose it or was told, so check_ingress need not warn about it again.
@@ -102,7 +103,26 @@ def use_ingress(proxy: Optional[str] = None) -> str:
         for key in _LOCAL_PORT_ENVS:
             os.environ.setdefault(key, str(free_port()))
         os.environ.setdefault(_DRAIN_ENV, _LOCAL_DRAIN_S)
+        if not any(key in os.environ for key in HAPROXY_PATH_ENVS):
+            base = private_dir()
+            for key, name in HAPROXY_PATH_ENVS.items():
+                os.environ[key] = os.path.join(base, name) if name else base
     return chosen
+
+
+def private_dir() -> str:
+    """A folder for HAProxy's files that only this user may enter (mode 0700): Serve's default,
+    /tmp/haproxy-serve, is open to every local user, and the admin socket in it is world-writable."""
+    import tempfile
+
+    base = os.path.join(tempfile.gettempdir(), f"rayfine-haproxy-{os.getuid()}")
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        info = os.lstat(base)
+        if not os.path.isdir(base) or os.path.islink(base) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return tempfile.mkdtemp(prefix="rayfine-haproxy-")  # someone else's, or opened up: a fresh one
+    return base
 
 
 def active_ingress() -> Optional[str]:

@@ -18,6 +18,14 @@ HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")  # fixed ports on every node unless set
 DRAINING_PERIOD_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+# Where Serve's HAProxy keeps its files, each env var with the file name Ray's default gives it (default folder
+# /tmp/haproxy-serve, a node-id folder inside it is added by Serve). The admin socket is created with mode 666,
+# level admin (Ray's template): under a folder only its owner may enter, no other local user reaches it.
+HAPROXY_PATH_ENVS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+                     "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                     "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+                     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+                     "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock"}
 # "module:function" returning ASGI middlewares for Serve's HTTP servers (http_options.middlewares was removed).
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 # How often a Ray Train controller polls its workers (default 2 s). A worker's ray.train.report waits until the
