@@ -111,27 +111,3 @@ def build_minilm_classifier(out: Path) -> Path:
         minilm_path(), num_labels=2, id2label=dict(enumerate(CLS_LABELS)),
         label2id={l: i for i, l in enumerate(CLS_LABELS)})
     return _save(model, tok, out, "sequence_classification", CLS_LABELS)
-
-
-def start_ray(num_cpus: int = 8) -> bool:
-    """A private local Ray, unless this test session already runs one; returns whether we started it.
-
-    ``address="local"`` never joins another session's cluster on this machine.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    return True
-
-
-def stop_ray(owner: bool) -> None:
-    import ray
-    from ray import serve
-
-    try:
-        serve.shutdown()
-    finally:
-        if owner:
-            ray.shutdown()

@@ -1,19 +1,18 @@
 """Fault tolerance and invariants of the distributed loop: configurations that must train the same do.
 
 A worker failure inside a run (restart from the last checkpoint) is checked on the session's shared
-classification run (``trained_classifier``, which fails once at step 10).
+classification run (``trained_classifier``, which fails once at step 10); a failed run that the same command
+resumes, in test_train_dpo.py.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from core.errors import UserError
 from tests.integration.conftest import FAIL_AT, SHARED_CHECKPOINT_EVERY, SHARED_LOG_EVERY
 from tests.integration.helpers import classification_config, read_metrics
 from training.driver import train
@@ -44,35 +43,6 @@ def test_worker_failure_restarts_from_checkpoint_and_finishes(trained_classifier
     lengths = tokenizer(texts, truncation=True, max_length=cfg.data.max_seq_length)["input_ids"]
     counts = [m["trained_tokens"] for m in metrics if "trained_tokens" in m]
     assert counts == sorted(counts) and counts[-1] == cfg.training.epochs * sum(len(ids) for ids in lengths)
-
-
-def test_rerunning_an_interrupted_run_resumes_it(tmp_path, tiny_bert, ray_local, monkeypatch, caplog):
-    sections = dict(n_train=64, training={"epochs": 1, "checkpoint_every_steps": 2, "log_every_steps": 1})
-    failing = classification_config(tmp_path, tiny_bert, **{**sections, "training": {
-        **sections["training"], "inject_failure_at_step": 3}})
-    with pytest.raises(UserError, match="injected failure at step 3"):
-        train(failing)
-    run_dir = tmp_path / "runs" / "run"
-    assert not (run_dir / "model").exists() and not (run_dir / "eval.json").exists()
-    assert list((run_dir / "checkpoints").glob("checkpoint_*"))
-
-    monkeypatch.setenv("RAYFINE_TIMINGS", "1")  # the second run also reports its start-up phases
-    with caplog.at_level(logging.INFO, logger="training.driver"):
-        result = train(classification_config(tmp_path, tiny_bert, **sections))
-    assert result.run_dir == run_dir
-    table = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Start-up (RAYFINE_TIMINGS=1)"))
-    phases = [line[:57].strip() for line in table.splitlines()[2:]]
-    assert phases == ["pre-flight data pass", "run folder", "parameter count (model built on the meta device)",
-                      "datasets: tokenize, materialize small splits",
-                      "Train controller, worker group, torch process group", "model load + DeepSpeed engine",
-                      "first batch from Ray Data", "first optimizer step"], table
-    took = [float(line[57:64]) for line in table.splitlines()[2:]]
-    assert all(t >= 0 for t in took), table
-    steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
-    first_run, second_run = steps[:2], steps[2:]
-    assert first_run == [1, 2]
-    assert second_run == [3, 4], "the second run must start after the step-2 checkpoint"
-    assert (run_dir / "model" / "model.safetensors").is_file()
 
 
 def test_worker_counts_and_zero_stages_train_the_same(tmp_path, tiny_bert, ray_local):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+from pathlib import Path
 
 import httpx
 import pytest
+from ray import serve
 
-from tests.serve_fixtures import CLS_LABELS, SERVE_PROXY, free_port, start_ray, stop_ray
+from tests.serve_fixtures import CLS_LABELS, SERVE_PROXY, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -46,11 +48,10 @@ class Apps(dict):
 
 
 @pytest.fixture(scope="module")
-def urls(models):
+def urls(models, ray_local):  # the session's Ray: a child pytest of only serving tests starts it once
     from core.config import ServeConfig
     from serving.deploy import deploy
 
-    owner = start_ray()
     port = free_port()
     common = dict(port=port, cpus_per_replica=0.5, threads_per_replica=1, max_input_tokens=64, max_new_tokens=32,
                   proxy=SERVE_PROXY)
@@ -68,7 +69,7 @@ def urls(models):
     try:
         yield Apps(deploy_app)
     finally:
-        stop_ray(owner)
+        serve.shutdown()  # Ray itself is the session's
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,16 @@ def test_serve_runs_the_configured_ingress(urls):
 
     urls["cls"]  # Serve's proxies start with the first app
     assert active_ingress() == SERVE_PROXY
+
+
+def test_haproxy_keeps_its_admin_socket_where_only_this_user_can_enter(urls):
+    if SERVE_PROXY != "haproxy":
+        pytest.skip("this session runs Serve's Python proxy")
+    assert urls["cls"]
+    base = Path(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent  # Serve adds a node-id folder inside
+    assert list(base.glob("*/admin.sock")), list(base.rglob("*"))
+    info = base.stat()
+    assert info.st_uid == os.getuid() and info.st_mode & 0o777 == 0o700
 
 
 def test_healthz_and_models(urls, client):
@@ -355,6 +366,20 @@ def test_auth_required_when_keys_set(urls, client):
     assert ok.status_code == 200
     assert client.post(url, json={"input": "hi"}, headers={"Authorization": "Bearer other-key"}).status_code == 200
     assert client.get(f"{urls['auth']}/healthz").status_code == 200  # probes stay open
+
+
+def test_api_keys_never_appear_in_what_ray_shows(urls):
+    """The replicas get the keys' digests: the Serve details behind Ray's dashboard and ``serve status`` (the
+    deployments' runtime_env included) hold the digest, never the key."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    from core.openai_errors import key_digest
+
+    assert urls["auth"]
+    details = json.dumps(ray.get(_get_global_client()._controller.get_serve_instance_details.remote()), default=str)
+    assert key_digest(KEY) in details and key_digest("other-key") in details
+    assert KEY not in details and "other-key" not in details
 
 
 def test_auth_off_by_default(urls, client):

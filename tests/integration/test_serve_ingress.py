@@ -29,7 +29,6 @@ INGRESS_TESTS = [
     "tests/integration/test_serve_api.py::test_serve_runs_the_configured_ingress",
     "tests/integration/test_serve_api.py::test_endpoint_of_another_task_is_404",
     "tests/integration/test_serve_api.py::test_chat_stream_is_sse_ending_with_done",
-    "tests/integration/test_serve_api.py::test_openai_client_chat_and_stream",
     "tests/integration/test_serve_api.py::test_access_log_has_one_json_line_per_request",
     "tests/integration/test_serve_ops.py::test_backpressure_answers_503_with_the_error_shape",
     "tests/integration/test_serve_ops.py::test_request_timeout_answers_408",

@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from ray import serve
 import yaml
 
-from tests.serve_fixtures import SERVE_PROXY, free_port, start_ray, stop_ray
+from tests.serve_fixtures import SERVE_PROXY, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +25,11 @@ def models(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def serve_port():
-    owner = start_ray()
+def serve_port(ray_local):
     try:
         yield free_port()
     finally:
-        stop_ray(owner)
+        serve.shutdown()  # Ray itself is the session's
 
 
 def deploy_app(models, port, task, name, **serve):

@@ -1,15 +1,17 @@
-"""DPO on a tiny Llama: 2 workers, ZeRO-2 with the reference scored before training (and a worker failure),
-and ZeRO-3 + LoRA with the adapter disabled as the reference."""
+"""DPO on a tiny Llama: 2 workers, ZeRO-2 with the reference scored before training (a failed run, then the same
+command again, which resumes it), and ZeRO-3 + LoRA with the adapter disabled as the reference."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
 import torch
 
 from core.config import load_config
+from core.errors import UserError
 from tests.conftest import preference_rows, write_jsonl
 from tests.integration.helpers import read_metrics
 from training.driver import train
@@ -46,19 +48,41 @@ def output_logp(model, tokenizer, messages: list[dict], output: dict) -> float:
     return float(logps[torch.arange(start - 1, len(targets)), targets[start - 1:]].sum())
 
 
-def test_dpo_full_zero2_learns_the_preference_and_resumes(tmp_path, tiny_llama, ray_local):
-    cfg = dpo_config(tmp_path, tiny_llama, training={"checkpoint_every_steps": 16, "inject_failure_at_step": 18},
-                     scaling={"max_failures": 1})
-    result = train(cfg)
+def test_dpo_full_zero2_learns_the_preference_and_resumes(tmp_path, tiny_llama, ray_local, monkeypatch, caplog):
+    # The first run fails at step 18 (no retry): its run folder keeps the step-16 checkpoint and no model. Running
+    # the same command again resumes from that checkpoint, with the reference scores stored in it.
+    failing = dpo_config(tmp_path, tiny_llama, training={"checkpoint_every_steps": 16, "inject_failure_at_step": 18})
+    with pytest.raises(UserError, match="injected failure at step 18"):
+        train(failing)
+    run_dir = tmp_path / "runs" / "dpo"
+    assert not (run_dir / "model").exists() and not (run_dir / "eval.json").exists()
+    assert list((run_dir / "checkpoints").glob("checkpoint_*"))
+
+    cfg = dpo_config(tmp_path, tiny_llama, training={"checkpoint_every_steps": 16})
+    monkeypatch.setenv("RAYFINE_TIMINGS", "1")  # the second run also reports its start-up phases
+    with caplog.at_level(logging.INFO, logger="training.driver"):
+        result = train(cfg)
+    assert result.run_dir == run_dir
+    table = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Start-up (RAYFINE_TIMINGS=1)"))
+    phases = [line[:57].strip() for line in table.splitlines()[2:]]
+    assert phases == ["pre-flight data pass", "run folder", "parameter count (model built on the meta device)",
+                      "datasets: tokenize, materialize small splits",
+                      "Train controller, worker group, torch process group", "model load + DeepSpeed engine",
+                      "first batch from Ray Data", "first optimizer step"], table
+    assert all(float(line[57:64]) >= 0 for line in table.splitlines()[2:]), table
     records = read_metrics(result.run_dir)
+    first_run = [m["step"] for m in records if "loss" in m and m["resumed_from_step"] == 0]
+    rerun = [m["step"] for m in records if "loss" in m and m["resumed_from_step"] == 16]
+    assert first_run[:16] == list(range(1, 17)) and first_run[-1] < 18, first_run
+    assert rerun == list(range(17, 17 + len(rerun))) and rerun[-1] == 3 * 128 // 8 // 2, rerun
     steps = [m for m in records if "loss" in m]
     first = steps[0]
     # Step 0: the policy is the reference, so every reward is 0 and the loss is log 2.
     assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     for key in ("rewards_chosen", "rewards_rejected", "reward_margin"):
         assert first[key] == pytest.approx(0.0, abs=1e-4)
-    # The worker group failed at step 18 and resumed from step 16 with the stored reference scores: had it
-    # scored the reference again with the trained model, the loss would be back at log 2.
+    # The rerun resumed from step 16 with the stored reference scores: had it scored the reference again with
+    # the trained model, the loss would be back at log 2.
     resumed = [m for m in steps if m["resumed_from_step"] == 16]
     assert resumed and all(m["loss"] < 0.6 for m in resumed), resumed
     evals = [m for m in records if "eval_reward_accuracy" in m]
