@@ -3,6 +3,7 @@ plus the ``rayfine serve`` entry point and its Serve config file."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -107,19 +108,25 @@ def _replica_names(app: str) -> list[str]:
 
 
 def test_killed_replica_is_replaced(models, serve_port):
+    """Replica loss under load: one of two replicas is killed during a steady stream of requests. The service
+    keeps answering (the other replica takes the traffic while Serve starts a replacement). The few requests that
+    fail get a clean 5xx (the JSON error shape, or the plain-text 500/502/503 that HAProxy itself gives for a
+    request it cannot place, README, Serving), except the one request in flight on the killed replica: HAProxy
+    closes its connection without an answer (a client retries it, as the openai package does)."""
     import ray
 
-    url = deploy_app(models, serve_port, "sequence_classification", "kill")
-    [victim] = _replica_names("kill")
+    url = deploy_app(models, serve_port, "sequence_classification", "kill", num_replicas=2)
+    victim = _replica_names("kill")[0]
     stop, outcomes = threading.Event(), []
 
     def traffic():
         with httpx.Client(timeout=10) as client:
             while not stop.is_set():
                 try:
-                    outcomes.append(client.post(f"{url}/v1/classify", json={"input": "still there?"}).status_code)
-                except httpx.HTTPError:
-                    outcomes.append("error")
+                    r = client.post(f"{url}/v1/classify", json={"input": "still there?"})
+                    outcomes.append((r.status_code, r.text))
+                except httpx.HTTPError as exc:
+                    outcomes.append(("error", repr(exc)))
                 time.sleep(0.02)
 
     worker = threading.Thread(target=traffic)
@@ -131,15 +138,26 @@ def test_killed_replica_is_replaced(models, serve_port):
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             replicas = _replica_names("kill")
-            if replicas and victim not in replicas and outcomes[killed_at:][-3:] == [200, 200, 200]:
+            if len(replicas) == 2 and victim not in replicas and len(outcomes) > killed_at + 20:
                 break
             time.sleep(0.5)
     finally:
         stop.set()
         worker.join()
-    assert victim not in _replica_names("kill")
-    assert outcomes[killed_at:][-3:] == [200, 200, 200], outcomes[killed_at:]
-    assert all(o in (200, 500, 502, 503, "error") for o in outcomes)
+    assert victim not in _replica_names("kill") and len(_replica_names("kill")) == 2
+    after = outcomes[killed_at:]
+    failed = [(status, body) for status, body in after if status != 200]
+    print(f"replica loss under load: {len(after)} requests after the kill, {len(failed)} failed: "
+          f"{sorted({str(status) for status, _ in failed})}")
+    assert len(failed) <= max(3, len(after) // 10), failed
+    assert sum(status == "error" for status, _ in failed) <= 1, failed  # the request in flight on the victim
+    for status, body in failed:
+        if status == "error":
+            continue
+        assert status in (500, 502, 503), (status, body)
+        if body.lstrip().startswith("{"):
+            assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}, body
+    assert [status for status, _ in after[-3:]] == [200, 200, 200]
 
 
 def test_serve_command_detached_reuses_the_running_serve(models, serve_port, capsys):
