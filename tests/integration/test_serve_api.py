@@ -434,3 +434,31 @@ def test_prometheus_metrics_are_exported(urls, client):
         missing = {name for name, pattern in wanted.items() if not pattern.search(text)}
         time.sleep(1)
     assert not missing, f"metrics not exported: {missing}"
+
+
+# ---- fuzz -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("app", ["cls", "lm"])
+def test_fuzzed_requests_never_get_a_500(urls, app):
+    """schemathesis generates requests from the deployment's own OpenAPI schema (valid and invalid bodies: huge
+    and negative numbers, odd strings, wrong types, streaming on and off) and sends them over HTTP to the running
+    replicas. None may get a 500."""
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import openapi
+    from schemathesis.checks import not_a_server_error
+
+    url = urls[app]
+    operations = [r.ok() for r in openapi.from_url(f"{url}/openapi.json").get_all_operations()]
+    posts = [op for op in operations if op.method.upper() == "POST"]
+    assert posts, [op.label for op in operations]
+    sent = {}
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25 if operation in posts else 5, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def fuzz(case):
+            case.call_and_validate(base_url=url, checks=(not_a_server_error,), timeout=60)
+            sent[operation.label] = sent.get(operation.label, 0) + 1
+
+        fuzz()
+    assert all(sent.get(op.label, 0) >= 5 for op in posts), sent
