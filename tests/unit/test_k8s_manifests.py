@@ -501,16 +501,32 @@ def test_dockerfile_builds_from_the_pinned_ray_image():
     match = re.search(r"^ARG RAY_IMAGE=(\S+)", text, re.MULTILINE)
     assert match and match.group(1) == f"rayproject/ray:{pin}-py311-gpu", match and match.group(1)
     assert re.search(r"^FROM \$\{RAY_IMAGE\}", text, re.MULTILINE)
-    assert "pip install -r requirements.txt" in text and "pip install --no-deps ." in text
+    assert "pip install --require-hashes --no-deps -r requirements.lock" in text and "pip install --no-deps ." in text
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     needed = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}
-    needed |= {"pyproject.toml", "requirements.txt", pyproject["project"].get("readme", "pyproject.toml")}
+    needed |= {"pyproject.toml", "requirements.txt", "requirements.lock",
+               pyproject["project"].get("readme", "pyproject.toml")}
     copied = {Path(src).name for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE)
               for src in line.split()[:-1] if not src.startswith("--")}
     assert needed <= copied, f"k8s/Dockerfile does not COPY {sorted(needed - copied)}"
     ignore = (K8S_DIR / "Dockerfile.dockerignore").read_text().split()
-    unignored = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    unignored = {Path(line[1:].rstrip("/")).name for line in ignore if line.startswith("!")}
     assert needed <= unignored, f"k8s/Dockerfile.dockerignore filters out {sorted(needed - unignored)}"
+
+
+def test_the_image_lock_pins_and_hashes_what_requirements_txt_pins():
+    """k8s/requirements.lock: every pin of requirements.txt at the same version, and every package of the lock
+    with at least one sha256 (pip --require-hashes refuses the whole file otherwise)."""
+    lock = (K8S_DIR / "requirements.lock").read_text()
+    entries = re.findall(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)((?:\s*\\\n\s+--hash=sha256:[0-9a-f]{64})*)", lock,
+                         re.MULTILINE)
+    locked = {name.lower().replace("_", "-"): version for name, version, _ in entries}
+    assert len(locked) > 50 and all(hashes.count("--hash=sha256:") >= 1 for _, _, hashes in entries)
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s;]+)", (REPO_ROOT / "requirements.txt").read_text(),
+                      re.MULTILINE)
+    assert pins
+    for name, version in pins:
+        assert locked.get(name.lower().replace("_", "-")) == version, f"{name}=={version}: lock has {locked.get(name.lower())}"
 
 
 def test_every_container_has_requests_and_limits():
