@@ -105,3 +105,16 @@ def timed_job_submission_client(address: str, timeout_s: float):
             return super()._do_request(method, endpoint, **kwargs)
 
     return TimedJobSubmissionClient(address)
+
+
+def run_storage_dir() -> str | None:
+    """Inside a Ray Train worker: the run's storage folder (``RunConfig(storage_path, name)``) when it is on a
+    filesystem this node mounts, else None (object storage). Uses ``TrainContext.get_storage()``, a DeveloperAPI
+    whose ``StorageContext`` may change between minor versions."""
+    import pyarrow.fs
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return storage.experiment_fs_path
+    return None

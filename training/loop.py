@@ -21,10 +21,12 @@ import numpy as np
 from core import __version__
 from core.config import RunConfig
 from core.model_folder import ModelInfo
+from core.ray_private import run_storage_dir
 from core.run_folder import TRAINER_STATE
 from training.tasks.base import LabelSpace
 
 DS_TAG = "ds"
+STAGING = ".staging"  # in the run's storage: checkpoints being written, before Ray Train persists them
 REFERENCE_FILE = "reference_logps.npz"  # DPO without LoRA: the initial model's scores, kept with checkpoints
 logger = logging.getLogger(__name__)  # in the workers: their lines go to Ray's log folder; rank 0 logs
 
@@ -261,6 +263,20 @@ class Worker:
                  f"{self.shape.micro_batch_per_worker} x {self.world} workers x "
                  f"{self.shape.gradient_accumulation_steps} accumulation, {self.threads} torch threads per worker")
 
+    def staging(self) -> tempfile.TemporaryDirectory:
+        """A folder for a checkpoint before Ray Train persists it: inside the run's storage when that is a mounted
+        filesystem (sized for checkpoints; a container's /tmp often is not, and a full model can be gigabytes),
+        else the system's temp folder (object storage)."""
+        root = None
+        try:
+            storage = run_storage_dir()
+        except Exception:  # noqa: BLE001 - Ray's DeveloperAPI moved: stage in the temp folder as before
+            storage = None
+        if storage:
+            root = Path(storage) / STAGING
+            root.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(dir=root, prefix=f"rank{self.rank}-")
+
     def log(self, message: str) -> None:
         """Log once per run (rank 0), not once per worker."""
         if self.rank == 0:
@@ -292,7 +308,7 @@ class Worker:
         if not checkpoint:
             ray.train.report(metrics)
         else:
-            with tempfile.TemporaryDirectory() as tmp:
+            with self.staging() as tmp:
                 self.engine.save_checkpoint(tmp, tag=DS_TAG)  # every rank writes its own ZeRO shard
                 if self.rank == 0:
                     (Path(tmp) / TRAINER_STATE).write_text(json.dumps(asdict(self.state)))
@@ -588,7 +604,7 @@ def _finish(w: Worker) -> None:
         metrics |= {f"test_{k}": v for k, v in test.items() if not isinstance(v, dict)}
         metrics["test_report"] = json.dumps(test)
     w.state.finished = True
-    with tempfile.TemporaryDirectory() as tmp:
+    with w.staging() as tmp:
         w.export(Path(tmp) / "model")
         if w.rank == 0:
             (Path(tmp) / TRAINER_STATE).write_text(json.dumps(asdict(w.state)))

@@ -31,6 +31,9 @@ def test_loss_falls_and_the_run_folder_is_complete(trained_classifier):
                  "plots/learning_rate.png", "plots/eval_metrics.png"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "checkpoints").glob("checkpoint_*"))
+    # Checkpoints were staged in the run's storage (not the container's /tmp), and nothing staged is left.
+    staging = run_dir / "checkpoints" / ".staging"
+    assert staging.is_dir() and not any(staging.iterdir())
     evaluation = json.loads((run_dir / "eval.json").read_text())["validation"]
     assert evaluation["accuracy"] > 0.8 and set(evaluation["per_class"]) == {"neg", "pos"}
     assert "DeepSpeed ZeRO-2" in (result.model_dir / "README.md").read_text()
