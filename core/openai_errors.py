@@ -63,14 +63,20 @@ def read_api_key_digests(env_var: str) -> frozenset[str]:
     return frozenset(listed | {key_digest(key) for key in read_api_keys(env_var)})
 
 
+def bearer_token(headers: dict[bytes, bytes]) -> bytes | None:
+    """The KEY of an ASGI request's ``Authorization: Bearer KEY`` (any bytes), None without one."""
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else None
+
+
 def bearer_key_ok(headers: dict[bytes, bytes], digests: frozenset[str]) -> bool:
     """Whether an ASGI request's ``Authorization: Bearer KEY`` is a key whose ``key_digest`` is in ``digests``."""
-    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-    if scheme.lower() != b"bearer":
+    token = bearer_token(headers)
+    if token is None:
         return False
     # compare_digest: no timing hints about how much matched. On the token's bytes: a header may carry any byte
     # (a wrong key, never a server error).
-    presented = key_digest(token.strip()).encode()
+    presented = key_digest(token).encode()
     return any(hmac.compare_digest(presented, digest.encode()) for digest in digests)
 
 

@@ -8,14 +8,13 @@ OpenAI's shape; ``/healthz`` stays open for probes) and the upload cap (413 befo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from fastapi import FastAPI, File, Form, Header, Query, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from cluster.api import protocol
@@ -25,7 +24,7 @@ from cluster.api.runner import JobRunner, default_client_factory
 from cluster.api.settings import ApiSettings
 from cluster.api.store import BadCursor, StateLock, Store, new_id
 from cluster.api.validation import check_upload
-from core.openai_errors import bearer_key_ok, key_digest, send_unauthorized
+from core.openai_errors import bearer_key_ok, bearer_token, key_digest, send_unauthorized
 
 logger = logging.getLogger("cluster.api")
 OPEN_PATHS = frozenset({"/healthz"})
@@ -241,9 +240,8 @@ def _paged(fetch):
 # ---- fine-tuning jobs ----------------------------------------------------------------------------------------
 def _add_job_routes(app: FastAPI, settings: ApiSettings, store: Store, runner: JobRunner) -> None:
     @app.post("/v1/fine_tuning/jobs")
-    def create_job(request: protocol.JobCreateRequest,
-                   authorization: Optional[str] = Header(default=None)) -> dict[str, Any]:
-        owner = key_owner(authorization)
+    def create_job(request: protocol.JobCreateRequest, http: Request) -> dict[str, Any]:
+        owner = key_owner(dict(http.scope["headers"]))
         cap = settings.max_active_jobs_per_key
         if cap and store.active_jobs_of(owner) >= cap:
             raise APIError(429, f"This API key already has {cap} active fine-tuning jobs, the most this server "
@@ -287,12 +285,11 @@ def _add_job_routes(app: FastAPI, settings: ApiSettings, store: Store, runner: J
         return protocol.page([protocol.checkpoint_object(r, job["fine_tuned_model"]) for r in rows], more)
 
 
-def key_owner(authorization: Optional[str]) -> str:
-    """Who a job belongs to for the per-key cap: a hash of the request's API key (never the key itself); "" when
-    the server runs without keys."""
-    if not authorization:
-        return ""
-    return hashlib.sha256(authorization.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+def key_owner(headers: dict[bytes, bytes]) -> str:
+    """Who a job belongs to for the per-key cap: the digest of the request's API key, read as authentication
+    reads it (so no spelling of the same key counts apart), never the key itself; "" without a key."""
+    token = bearer_token(headers)
+    return key_digest(token)[:16] if token else ""
 
 
 def _job(store: Store, job_id: str) -> dict[str, Any]:

@@ -45,6 +45,9 @@ def test_each_key_has_a_cap_on_active_jobs(tmp_path):
                          data={"purpose": "fine-tune"}, headers=k1).json()["id"]
         body = {"model": "minilm", "training_file": file_id}
         first, second = (c.post("/v1/fine_tuning/jobs", json=body, headers=k1).json() for _ in range(2))
+        # The same key spelled otherwise is the same key.
+        r = c.post("/v1/fine_tuning/jobs", json=body, headers={"Authorization": "bearer k1"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_active_jobs"
         r = c.post("/v1/fine_tuning/jobs", json=body, headers=k1)
         assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_active_jobs"
         assert "already has 2 active fine-tuning jobs" in r.json()["error"]["message"]
