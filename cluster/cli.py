@@ -59,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("serve", help="deploy a model folder (or a run config's model) on Ray Serve")
-    p.add_argument("target", help="exported model folder (RUN/model) or a run config YAML")
+    p = sub.add_parser("serve", help="deploy a model folder (or a run config's model, or several models) on Ray "
+                                     "Serve")
+    p.add_argument("target", nargs="+",
+                   help="exported model folder (RUN/model) or a run config YAML; several model folders serve them "
+                        "all from one app, each under its model id (loaded on demand); a models.json registry "
+                        "(what rayfine api writes) serves its models")
+    p.add_argument("--name", default="rayfine", help="the Serve application's name (default: rayfine)")
     _add_common(p, config=False)
     p.add_argument("--detach", action="store_true", help="return once the app is up instead of blocking")
     p.add_argument("--config-out", default=None, metavar="FILE",
@@ -118,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "piling up on the head node (0 = none)")
     p.add_argument("--insecure", action="store_true",
                    help="listen on a non-loopback --host without API keys (refused otherwise)")
+    p.add_argument("--serve-url", default=None, metavar="URL",
+                   help="the cluster's Ray Serve HTTP ingress, where the fine-tuned models are served (default: "
+                        "http://HOST-OF---address:serve.port)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
+                   help="a serve: key of the models app, e.g. --set serve.max_models_per_replica=16 (repeatable)")
+    p.add_argument("--no-models", dest="serve_models", action="store_false",
+                   help="jobs only: do not deploy the models app nor answer inference requests")
     p.set_defaults(func=cmd_api)
     return parser
 
@@ -172,7 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.serve_command import serve_command
 
-    return serve_command(args.target, args.overrides, args.address, args.detach, args.config_out)
+    return serve_command(args.target, args.overrides, args.address, args.detach, args.config_out, args.name)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -177,6 +177,28 @@ class JobsClient:
                                 f"{_auth_hint(exc)}") from None
         return SubmittedJob(job_id=job_id, run_dir=run_dir)
 
+    def submit_rayfine(self, args: list[str], *, submission_id: str | None = None,
+                       metadata: dict[str, str] | None = None, env_vars: dict[str, str] | None = None,
+                       entrypoint_num_cpus: float | None = None) -> str:
+        """Submit ``rayfine ARGS...`` (each argument shell-quoted) as a Ray job; returns its id. For commands that
+        need no package (``rayfine serve REGISTRY --detach``); ``env_vars`` travel in the job's runtime_env."""
+        import shlex
+
+        command = " ".join(shlex.quote(a) for a in args)
+        entrypoint = (f"if command -v rayfine >/dev/null 2>&1; then exec rayfine {command}; fi; "
+                      f"echo 'error: {NOT_ON_PATH_HELP} (PATH='\"$PATH\"')' >&2; exit {NOT_ON_PATH}")
+        try:
+            return self.client.submit_job(
+                entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
+                entrypoint_num_cpus=entrypoint_num_cpus or None,
+                runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **(env_vars or {})}})
+        except Exception as exc:
+            if _unreachable(exc):
+                raise ClusterUnreachable(f"the Ray Jobs API at {self.address} did not answer: "
+                                         f"{_first_line(exc)}") from None
+            raise UserError(f"the Ray Jobs API at {self.address} refused the job: {_first_line(exc)}"
+                            f"{_auth_hint(exc)}") from None
+
     # -- following -------------------------------------------------------------------------------------------
 
     def status(self, job_id: str) -> JobState:

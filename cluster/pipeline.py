@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 
 from cluster.ray_start import start_ray, stop_local_ray
-from cluster.serve_command import check_port_free, deploy_and_check, stopping_cleanly, wait_for_stop
+from cluster.serve_command import (
+    ServeTarget,
+    check_port_free,
+    deploy_and_check,
+    stopping_cleanly,
+    wait_for_stop,
+)
 from core.config import RunConfig
 from core.errors import UserError
 from core.ray_connect import is_local
@@ -84,8 +90,8 @@ def run_all(cfg: RunConfig, address: str | None, detach: bool) -> int:
         print(f"  {split}: {shown}")
     print("\n== 3/4 serve ==", flush=True)
     with stopping_cleanly() as stop:
-        url = deploy_and_check(model_dir, cfg.serve, trust_remote_code=cfg.model.trust_remote_code,
-                               address=address)
+        url = deploy_and_check(ServeTarget(cfg.serve, model_dir=model_dir,
+                                           trust_remote_code=cfg.model.trust_remote_code), address=address)
         for path in endpoints_for(cfg.task):
             print(f"  {url}{path}")
         print("\n== 4/4 sample request ==", flush=True)

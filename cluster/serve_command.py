@@ -15,7 +15,8 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -30,8 +31,9 @@ from cluster.ray_start import (
     stop_local_ray,
     within,
 )
-from core.config import ServeConfig, load_config, parse_overrides
+from core.config import ServeConfig, deep_merge, load_config, parse_overrides
 from core.errors import ConfigError, UserError
+from core.openai_errors import DIGESTS_SUFFIX
 from core.ray_connect import is_local
 from core.run_folder import RunFolder
 
@@ -42,28 +44,48 @@ logger = logging.getLogger(__name__)
 SERVE_SHUTDOWN_DEADLINE_S = 15.0
 
 
-def serve_command(target: str, overrides: list[str], address: str | None, detach: bool,
-                  config_out: str | None) -> int:
+@dataclass
+class ServeTarget:
+    """What ``rayfine serve`` deploys: one model folder, or a multi-model app (model folders and/or a registry)."""
+
+    cfg: ServeConfig
+    model_dir: Optional[Path] = None
+    models: dict[str, Path] = field(default_factory=dict)
+    registry: Optional[Path] = None
+    trust_remote_code: bool = False
+
+
+def serve_command(targets: list[str] | str, overrides: list[str], address: str | None, detach: bool,
+                  config_out: str | None, name: str = "rayfine") -> int:
     """The ``rayfine serve`` verb. Returns the exit code."""
     from serving.deploy import endpoints_for, write_serve_config
     from serving.model_folder import load_model_spec
 
-    model_dir, cfg, trust_remote_code = resolve_target(target, overrides)
+    target = resolve_targets([targets] if isinstance(targets, str) else list(targets), overrides)
+    cfg = target.cfg
     if config_out:
-        write_serve_config(model_dir, cfg, config_out, trust_remote_code=trust_remote_code)
+        if target.model_dir is None:
+            raise UserError("--config-out writes the Serve config of one model folder; pass one")
+        write_serve_config(target.model_dir, cfg, config_out, name=name, trust_remote_code=target.trust_remote_code)
         print(f"wrote {config_out}: run it with `serve deploy {config_out}` on a cluster where rayfine is "
               "installed, or embed it in a RayService's serveConfigV2")
         return 0
-    spec = load_model_spec(model_dir)  # a folder that cannot be served fails before Ray starts
+    spec = load_model_spec(target.model_dir) if target.model_dir else None  # fails before Ray starts
     check_port_free(cfg, address)
     where = start_ray(address, serve_proxy=cfg.proxy)
     with stopping_cleanly() as stop:
-        url = deploy_and_check(model_dir, cfg, trust_remote_code=trust_remote_code, address=address)
+        url = deploy_and_check(target, name=name, address=address)
         ingress = LABELS.get(active_ingress() or "", "unknown")
-        print(f"Serving {spec.model_id} ({spec.task}) on {where} at {url} (HTTP ingress: {ingress})")
-        for path in endpoints_for(spec.task):
+        if spec is not None:
+            print(f"Serving {spec.model_id} ({spec.task}) on {where} at {url} (HTTP ingress: {ingress})")
+        else:
+            what = f"the models of {target.registry}" if target.registry else ", ".join(target.models)
+            print(f"Serving {what} on {where} at {url} (HTTP ingress: {ingress}); each request names its model "
+                  f"in the body's \"model\", loaded on its first request (at most "
+                  f"{cfg.max_models_per_replica} per replica)")
+        for path in endpoints_for(spec.task if spec else None):
             print(f"  {url}{path}")
-        if os.environ.get(cfg.api_keys_env):
+        if os.environ.get(cfg.api_keys_env) or os.environ.get(cfg.api_keys_env + DIGESTS_SUFFIX):
             print(f"  auth: on (Authorization: Bearer KEY, keys from ${cfg.api_keys_env})")
         if detach:
             if is_local(address):
@@ -157,18 +179,49 @@ def stop_serving(exit_code: int = 0) -> None:
         os._exit(exit_code)
 
 
-def deploy_and_check(model_dir: Path, cfg: ServeConfig, *, trust_remote_code: bool, address: str | None) -> str:
+def deploy_and_check(target: ServeTarget, *, name: str = "rayfine", address: str | None) -> str:
     """Deploy on the running Ray and warn when its ingress is not ``serve.proxy`` (a running instance keeps
     the one it started with); returns the base URL."""
     from serving.deploy import deploy
 
-    url = deploy(model_dir, cfg, trust_remote_code=trust_remote_code, address=address)
-    check_ingress(cfg.proxy)
+    url = deploy(target.model_dir, target.cfg, name=name, trust_remote_code=target.trust_remote_code,
+                 address=address, models=target.models, registry=target.registry)
+    check_ingress(target.cfg.proxy)
     return url
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def resolve_targets(targets: list[str], overrides: list[str]) -> ServeTarget:
+    """One target (``resolve_target``), a model registry (``models.json``, its serve section with ``--set``
+    applied), or several model folders (a multi-model app; each served under its model id)."""
+    if len(targets) == 1 and targets[0].endswith(".json") and Path(targets[0]).is_file():
+        from serving.catalog import read_registry
+
+        registry = Path(targets[0]).expanduser().resolve()
+        document = read_registry(registry)
+        return ServeTarget(serve_config_from_overrides(overrides, document.get("serve") or {}), registry=registry)
+    if len(targets) == 1:
+        model_dir, cfg, trust_remote_code = resolve_target(targets[0], overrides)
+        return ServeTarget(cfg, model_dir=model_dir, trust_remote_code=trust_remote_code)
+    from serving.model_folder import load_model_spec
+
+    models: dict[str, Path] = {}
+    for target in targets:
+        path = Path(target).expanduser()
+        if not path.is_dir():
+            raise UserError(f"{target}: not a model folder; several targets must each be a model folder (RUN/model) "
+                            "or a run folder")
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            path = RunFolder(path).model
+        spec = load_model_spec(path)
+        if spec.model_id in models:
+            raise UserError(f"{target}: its model id {spec.model_id!r} is also the id of {models[spec.model_id]}; "
+                            "each model needs its own id (rayfine.json's model_id, or the folder's name)")
+        models[spec.model_id] = spec.path
+    return ServeTarget(serve_config_from_overrides(overrides), models=models)
 
 
 def resolve_target(target: str, overrides: list[str]) -> tuple[Path, ServeConfig, bool]:
@@ -190,16 +243,16 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[Path, ServeConfig
     raise UserError(f"{target}: not found; pass a model folder (RUN/model) or a run config YAML")
 
 
-def serve_config_from_overrides(overrides: list[str]) -> ServeConfig:
-    """The default ``serve:`` section with ``--set serve.KEY=VALUE`` applied (the only keys that apply), checked
-    by the same rules as a run config's serve section."""
+def serve_config_from_overrides(overrides: list[str], base: Optional[dict] = None) -> ServeConfig:
+    """The ``serve:`` section (``base``, else the defaults) with ``--set serve.KEY=VALUE`` applied (the only keys
+    that apply), checked by the same rules as a run config's serve section."""
     raw = parse_overrides(overrides)
     other = sorted(key for key in raw if key != "serve")
     if other:
         raise ConfigError([f"--set {key}...: only serve.* keys apply when serving a model folder"
                            for key in other])
     try:
-        return ServeConfig.model_validate(raw.get("serve") or {})
+        return ServeConfig.model_validate(deep_merge(base or {}, raw.get("serve") or {}))
     except ValidationError as exc:
         raise ConfigError([_serve_problem(e) for e in exc.errors()], header="Bad --set override:") from None
 

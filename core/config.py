@@ -310,6 +310,9 @@ class ServeConfig(_Section):
     gpus_per_replica: float = Field(0.0, ge=0.0, description="Ray GPUs per replica; > 0 runs the model on CUDA")
     threads_per_replica: Optional[int] = Field(
         None, ge=1, description="torch threads per replica; None = the node's cores / replicas")
+    max_models_per_replica: int = Field(
+        8, ge=1, description="models one replica of a multi-model app holds at once (`rayfine serve A B ...`, "
+        "`rayfine api`); the least recently used is unloaded past it")
 
     def rules(self) -> list[str]:
         return serve_problems(self)

@@ -27,14 +27,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from ray import serve
 
 from core.config import ServeConfig
-from core.errors import ConfigError
+from core.errors import ConfigError, UserError
 from core.openai_errors import read_api_key_digests
-from serving.model_folder import ModelSpec, load_model_spec
+from serving.model_folder import ENDPOINT_TASKS, ModelSpec, load_model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -46,39 +46,128 @@ _BATCH_DEFAULTS = dict(max_batch_size=16, batch_wait_timeout_s=0.005)
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class ModelServer:
-    """Loads one model folder and answers its task's endpoints."""
+    """Answers the endpoints of one model folder (``model_dir``), or of many: a multi-model app (``models``: id ->
+    folder, and/or ``registry``: a registry file, see ``serving.catalog``) loads each model on its first request
+    with Serve's model multiplexing and routes by the body's ``model``."""
 
-    def __init__(self, model_dir: str, serve: dict[str, Any], trust_remote_code: bool = False):
+    def __init__(self, model_dir: Optional[str], serve: dict[str, Any], trust_remote_code: bool = False,
+                 models: Optional[dict[str, Any]] = None, registry: Optional[str] = None):
         import torch
 
         from serving.telemetry import Telemetry, access_logger
 
         self.cfg = ServeConfig.model_validate(serve)
-        self.spec: ModelSpec = load_model_spec(model_dir)
         threads = replica_threads(self.cfg)
         torch.set_num_threads(threads)
         device = "cuda" if self.cfg.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        self.model = build_task_model(self.spec, device, self.cfg.max_input_tokens,
-                                      trust_remote_code or self.cfg.trust_remote_code)
+        trust_remote_code = trust_remote_code or self.cfg.trust_remote_code
+        self.multi = model_dir is None
+        if self.multi:
+            from serving.catalog import ModelCatalog
+            from serving.pool import ModelPool
+
+            self.spec = None
+            self.catalog = ModelCatalog(models, registry)
+            self.pool = ModelPool(device, self.cfg.max_input_tokens, trust_remote_code)
+            self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
+            # Serve's model multiplexing: a per-replica LRU cache of loaded models, and routing of requests with
+            # the serve_multiplexed_model_id header to a replica that holds (or is loading) that model.
+            from ray.serve import multiplexed  # (``serve`` is the serve: section here)
+
+            async def load(model_id: str):  # a function, not a bound method: Serve keeps its cache on it
+                return await self._load_model(model_id)
+
+            self._get_model = multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(load)
+            label = "multi-model"
+        else:
+            from serving.pool import Served, build_task_model
+
+            self.spec: ModelSpec = load_model_spec(model_dir)
+            self.single = Served(self.spec, build_task_model(self.spec, device, self.cfg.max_input_tokens,
+                                                             trust_remote_code))
+            label = self.spec.model_id
         self.api_keys = read_api_key_digests(self.cfg.api_keys_env)  # digests only
-        self.telemetry = Telemetry(self.spec.model_id)
+        self.telemetry = Telemetry(label)
         self.access_log = access_logger()
         self.in_flight = 0
         self._generation = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # requests' inputs, off the loop
         self._predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        logger.info("serving %s (%s) on %s with %d torch threads; auth %s", self.spec.model_id,
-                    self.spec.task, device, threads, "on" if self.api_keys else "off")
+        logger.info("serving %s on %s with %d torch threads; auth %s", label if self.multi else
+                    f"{label} ({self.spec.task})", device, threads, "on" if self.api_keys else "off")
 
     def __serve_build_asgi_app__(self):
         from serving.router import build_router
 
         return build_router(self)
 
+    # ---- which model answers a request ----------------------------------------------------------------
+    async def served(self, requested: Optional[str], path: str):
+        """The loaded model a request names (``model``), loading it first on a multi-model replica. 404
+        ``model_not_found`` for a model this app does not serve, ``unsupported_endpoint`` for one of another task."""
+        from serving.errors import check_model
+        from serving.telemetry import REQUEST_MODEL  # not at module level: Serve pickles this class by value
+
+        if not self.multi:
+            check_model(requested, self.spec.model_id)
+            return self.single
+        served = await self._served(requested, path)
+        note = REQUEST_MODEL.get()
+        if note is not None:
+            note["model"] = served.spec.model_id
+        return served
+
+    async def _served(self, requested: Optional[str], path: str):
+        from serving.errors import ServingError
+
+        if not requested:
+            raise ServingError(400, "This server serves several models; name one in the body's 'model' "
+                                    "(GET /v1/models lists them).", param="model", code="missing_model")
+        entry = self.catalog.get(requested)
+        if entry is None:
+            raise ServingError(404, f"The model '{requested}' does not exist or you do not have access to it.",
+                               param="model", code="model_not_found")
+        try:
+            spec = self.catalog.spec(entry)
+        except UserError as exc:
+            logger.error("%s: %s", requested, exc)
+            raise ServingError(503, f"The model '{requested}' cannot be loaded now; see the replica log.",
+                               param="model", code="model_unavailable") from None
+        needs = ENDPOINT_TASKS.get(path)
+        if needs and spec.task != needs:
+            raise ServingError(404, f"{path} needs a {needs} model; '{requested}' is a {spec.task} model.",
+                               param="model", code="unsupported_endpoint")
+        return await self._get_model(requested)
+
+    async def _load_model(self, model_id: str):
+        """Serve's multiplexing calls this on a cache miss (one load at a time per replica)."""
+        from serving.errors import ServingError
+
+        entry = self.catalog.get(model_id)
+        if entry is None:
+            raise ServingError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
+                               param="model", code="model_not_found")
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        served = await loop.run_in_executor(self._loader, lambda: self.pool.load(self.catalog.spec(entry)))
+        seconds = time.perf_counter() - start
+        self.telemetry.record_load(model_id, seconds, len(self.pool.loaded), self.pool.evictions)
+        logger.info("loaded %s (%s%s) in %.2fs; %d model(s) on this replica", model_id, served.spec.task,
+                    ", LoRA adapter on a shared base" if served.base else "", seconds, len(self.pool.loaded))
+        return served
+
+    def replica_status(self) -> dict[str, Any]:
+        status = self.pool.status() if self.multi else {"models_loaded": [self.spec.model_id]}
+        try:
+            status["replica"] = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a replica (tests of the router alone)
+            status["replica"] = None
+        return status
+
     # ---- encoder tasks: dynamic batching --------------------------------------------------------------
-    async def predict(self, encoded: list) -> tuple[list, BatchInfo]:
-        """Results for one request's inputs, and the largest model batch they ran in."""
+    async def predict(self, served, encoded: list) -> tuple[list, BatchInfo]:
+        """Results for one request's inputs (for the model ``served``), and the largest model batch they ran in."""
         # Let the requests that are ready to run enter the app (and in_flight) before this one decides it is
         # alone. Behind HAProxy a request's body is often in hand already, so nothing else yields between a
         # request's arrival and this line: without this, requests that arrived together would run here one
@@ -86,11 +175,11 @@ class ModelServer:
         await asyncio.sleep(0)
         if self.in_flight == 1 and len(encoded) <= self.cfg.max_batch_size:
             # Alone in the replica: nobody to batch with, so skip the batch queue and its wait.
-            outputs = self._run_batch(encoded)
+            outputs = self._run_batch([(served, e) for e in encoded])
         elif len(encoded) == 1:
-            outputs = [await self._predict_batch(encoded[0])]
+            outputs = [await self._predict_batch((served, encoded[0]))]
         else:
-            outputs = await asyncio.gather(*(self._predict_batch(e) for e in encoded))
+            outputs = await asyncio.gather(*(self._predict_batch((served, e)) for e in encoded))
         return [result for result, _ in outputs], max((info for _, info in outputs), key=lambda i: i.size)
 
     @serve.batch(**_BATCH_DEFAULTS)
@@ -98,15 +187,24 @@ class ModelServer:
         return self._run_batch(batch)
 
     def _run_batch(self, batch: list) -> list[tuple[Any, BatchInfo]]:
+        """``batch``: (served model, encoded input) pairs; each model runs its own inputs as one batch."""
         # Blocking on purpose (see the module docstring): torch releases the GIL, Serve's loop runs on.
-        start = time.perf_counter()
-        results = self.model.predict(batch)
-        info = BatchInfo(len(batch), (time.perf_counter() - start) * 1000)
-        self.telemetry.record_batch(ENDPOINT_OF_TASK[self.spec.task], len(batch))
-        return [(result, info) for result in results]
+        by_model: dict[int, list[int]] = {}
+        for i, (served, _) in enumerate(batch):
+            by_model.setdefault(id(served), []).append(i)
+        outputs: list = [None] * len(batch)
+        for rows in by_model.values():
+            served = batch[rows[0]][0]
+            start = time.perf_counter()
+            results = served.model.predict([batch[i][1] for i in rows])
+            info = BatchInfo(len(rows), (time.perf_counter() - start) * 1000)
+            self.telemetry.record_batch(served.spec.model_id, ENDPOINT_OF_TASK[served.spec.task], len(rows))
+            for i, result in zip(rows, results):
+                outputs[i] = (result, info)
+        return outputs
 
     # ---- causal LM: one generation at a time, in a worker thread --------------------------------------
-    async def generate(self, prompt_ids: list[int], params, deadline: float) -> AsyncIterator[Any]:
+    async def generate(self, served, prompt_ids: list[int], params, deadline: float) -> AsyncIterator[Any]:
         """Text deltas then a ``Finished``, produced in the worker thread and handed to this loop."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -115,7 +213,7 @@ class ModelServer:
 
         def work() -> None:
             try:
-                for event in self.model.generate(prompt_ids, params, deadline, cancelled):
+                for event in served.model.generate(prompt_ids, params, deadline, cancelled):
                     loop.call_soon_threadsafe(queue.put_nowait, event)
             except BaseException as exc:  # handed to the request, which answers with the error shape
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
@@ -144,16 +242,6 @@ ENDPOINT_OF_TASK = {
     "question_answering": "/v1/qa",
     "causal_lm": "/v1/chat/completions",
 }
-
-
-def build_task_model(spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool):
-    if spec.task == "causal_lm":
-        from serving.generation import Generator
-
-        return Generator(spec, device, max_input_tokens, trust_remote_code)
-    from serving.encoders import ENCODER_TASKS
-
-    return ENCODER_TASKS[spec.task](spec, device, max_input_tokens, trust_remote_code)
 
 
 def replica_threads(cfg: ServeConfig) -> int:
@@ -190,12 +278,16 @@ def deployment_options(cfg: ServeConfig, env_vars: dict[str, str] | None = None)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder: ``args`` = ``{"model_dir", "serve": {...}, "trust_remote_code"}``.
+    """Application builder: ``args`` = ``{"model_dir", "serve": {...}, "trust_remote_code"}`` for one model folder,
+    or ``{"models": {id: folder}, "registry": FILE, "serve": ..., "trust_remote_code"}`` for a multi-model app.
 
     Deployment options derive from ``serve``; a Serve config file's ``deployments:`` entries override them.
     """
     cfg = ServeConfig.model_validate(args.get("serve") or {})
-    return bind_app(args["model_dir"], cfg, bool(args.get("trust_remote_code", False)))
+    trust_remote_code = bool(args.get("trust_remote_code", False))
+    if args.get("model_dir"):
+        return bind_app(args["model_dir"], cfg, trust_remote_code)
+    return bind_models_app(args.get("models") or {}, args.get("registry"), cfg, trust_remote_code)
 
 
 def bind_app(model_dir: str | os.PathLike, cfg: ServeConfig, trust_remote_code: bool = False,
@@ -204,3 +296,13 @@ def bind_app(model_dir: str | os.PathLike, cfg: ServeConfig, trust_remote_code: 
     load_model_spec(model_dir)  # fail here, with the folder named, rather than in every replica
     return ModelServer.options(**deployment_options(cfg, env_vars)).bind(
         str(model_dir), cfg.model_dump(mode="json"), trust_remote_code)
+
+
+def bind_models_app(models: dict[str, str], registry: Optional[str], cfg: ServeConfig, trust_remote_code: bool = False,
+                    env_vars: dict[str, str] | None = None) -> serve.Application:
+    """The multi-model application: ``models`` (id -> folder) and the models of the ``registry`` file."""
+    if not models and not registry:
+        raise ConfigError("a multi-model app needs model folders or a model registry")
+    return ModelServer.options(**deployment_options(cfg, env_vars)).bind(
+        None, cfg.model_dump(mode="json"), trust_remote_code, models={k: str(v) for k, v in models.items()},
+        registry=str(registry) if registry else None)

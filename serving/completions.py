@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from core.openai_errors import error_body
-from serving.errors import ServingError, check_characters, check_input_count, check_model
+from serving.errors import ServingError, check_characters, check_input_count
 from serving.generation import Finished, SamplingParams
 from serving.protocol import (
     ChatCompletionRequest,
@@ -35,55 +35,56 @@ ENDPOINT_COMPLETIONS = "/v1/completions"
 def add_routes(app: FastAPI, server) -> None:
     @app.post(ENDPOINT_CHAT)
     async def chat(body: ChatCompletionRequest):
-        check_model(body.model, server.spec.model_id)
-        deadline = time.monotonic() + server.cfg.request_timeout_s
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         check_input_count(len(messages), server.cfg.max_inputs_per_request, "messages")
         check_characters("".join(m["content"] for m in messages), server.cfg.max_input_tokens, "messages")
-        prompts = [server.model.encode_chat(messages)]
-        return await _respond(server, body, prompts, deadline, chat=True)
+        served = await server.served(body.model, ENDPOINT_CHAT)  # a first request pays the model's load
+        deadline = time.monotonic() + server.cfg.request_timeout_s
+        prompts = [served.model.encode_chat(messages)]
+        return await _respond(server, served, body, prompts, deadline, chat=True)
 
     @app.post(ENDPOINT_COMPLETIONS)
     async def complete(body: CompletionRequest):
-        check_model(body.model, server.spec.model_id)
-        deadline = time.monotonic() + server.cfg.request_timeout_s
         texts = body.prompts()
         check_input_count(len(texts), server.cfg.max_inputs_per_request, "prompt")
         for text in texts:
             check_characters(text, server.cfg.max_input_tokens, "prompt")
-        prompts = [server.model.encode_prompt(p) for p in texts]
-        return await _respond(server, body, prompts, deadline, chat=False)
+        served = await server.served(body.model, ENDPOINT_COMPLETIONS)
+        deadline = time.monotonic() + server.cfg.request_timeout_s
+        prompts = [served.model.encode_prompt(p) for p in texts]
+        return await _respond(server, served, body, prompts, deadline, chat=False)
 
 
-def _params(server, body, prompt_len: int, choice: int) -> SamplingParams:
+def _params(server, served, body, prompt_len: int, choice: int) -> SamplingParams:
     requested = body.requested_tokens()
     limit = server.cfg.max_new_tokens
     if requested is not None and requested > limit:
         raise ServingError(400, f"max_tokens is {requested}; this server allows at most {limit} "
                                 "(serve.max_new_tokens).", param="max_tokens", code="max_tokens_too_large")
     seed = body.seed + choice if body.seed is not None else None
-    return SamplingParams(max_tokens=server.model.budget(prompt_len, requested, limit),
+    return SamplingParams(max_tokens=served.model.budget(prompt_len, requested, limit),
                           temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=seed)
 
 
-def _jobs(server, body, prompts: list[list[int]]) -> list[tuple[int, list[int], SamplingParams]]:
+def _jobs(server, served, body, prompts: list[list[int]]) -> list[tuple[int, list[int], SamplingParams]]:
     """(choice index, prompt ids, params) for every choice; validated before anything is generated."""
-    return [(p * body.n + i, ids, _params(server, body, len(ids), i))
+    return [(p * body.n + i, ids, _params(server, served, body, len(ids), i))
             for p, ids in enumerate(prompts) for i in range(body.n)]
 
 
-async def _respond(server, body, prompts: list[list[int]], deadline: float, chat: bool):
+async def _respond(server, served, body, prompts: list[list[int]], deadline: float, chat: bool):
     rid = new_id("chatcmpl" if chat else "cmpl")
-    jobs = _jobs(server, body, prompts)
+    jobs = _jobs(server, served, body, prompts)
+    model = served.spec.model_id
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(server, rid, server.spec.model_id, prompts, jobs, deadline, chat, include_usage)
+        events = _stream(server, served, rid, model, prompts, jobs, deadline, chat, include_usage)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     choices, completion_tokens = [], 0
     for index, ids, params in jobs:
         parts, finished = [], None
-        async for event in server.generate(ids, params, deadline):
+        async for event in server.generate(served, ids, params, deadline):
             if isinstance(event, Finished):
                 finished = event
             else:
@@ -96,10 +97,10 @@ async def _respond(server, body, prompts: list[list[int]], deadline: float, chat
         if not chat and body.echo:
             text = body.prompts()[index // body.n] + text
         choices.append({"index": index, "text": text, "finish_reason": finished.reason})
-    server.telemetry.record_tokens(ENDPOINT_CHAT if chat else ENDPOINT_COMPLETIONS, completion_tokens)
+    server.telemetry.record_tokens(model, ENDPOINT_CHAT if chat else ENDPOINT_COMPLETIONS, completion_tokens)
     usage = _usage(prompts, completion_tokens)
     build = chat_response if chat else completion_response
-    return JSONResponse(build(rid, server.spec.model_id, choices, usage))
+    return JSONResponse(build(rid, model, choices, usage))
 
 
 def _usage(prompts: list[list[int]], completion_tokens: int) -> Usage:
@@ -108,14 +109,14 @@ def _usage(prompts: list[list[int]], completion_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-async def _stream(server, rid: str, model: str, prompts: list[list[int]], jobs, deadline: float,
+async def _stream(server, served, rid: str, model: str, prompts: list[list[int]], jobs, deadline: float,
                   chat: bool, include_usage: bool) -> AsyncIterator[str]:
     completion_tokens = 0
     try:
         for index, ids, params in jobs:
             if chat:
                 yield _sse(chat_chunk(rid, model, index, {"role": "assistant", "content": ""}))
-            async for event in server.generate(ids, params, deadline):
+            async for event in server.generate(served, ids, params, deadline):
                 if isinstance(event, Finished):
                     completion_tokens += event.completion_tokens
                     if event.reason == "timeout":
@@ -139,7 +140,7 @@ async def _stream(server, rid: str, model: str, prompts: list[list[int]], jobs, 
         yield _sse(exc.body())
         yield "data: [DONE]\n\n"
     finally:
-        server.telemetry.record_tokens(ENDPOINT_CHAT if chat else ENDPOINT_COMPLETIONS, completion_tokens)
+        server.telemetry.record_tokens(model, ENDPOINT_CHAT if chat else ENDPOINT_COMPLETIONS, completion_tokens)
 
 
 def _sse(payload: dict[str, Any]) -> str:

@@ -18,9 +18,9 @@ import yaml
 
 from core.config import ServeConfig
 from core.errors import UserError
-from core.openai_errors import DIGESTS_SUFFIX, key_digest, read_api_keys
+from core.openai_errors import DIGESTS_SUFFIX, read_api_key_digests
 from core.ray_private import HAPROXY_ENV, PROXY_CALLBACK_ENV, serve_http_port
-from serving.app import DEPLOYMENT_NAME, bind_app, deployment_options
+from serving.app import DEPLOYMENT_NAME, bind_app, bind_models_app, deployment_options
 from serving.errors import PROXY_CALLBACK
 from serving.model_folder import ENDPOINT_TASKS, load_model_spec
 
@@ -35,36 +35,41 @@ PROXY_TIMEOUT_GRACE_S = 2.0
 _deployed: list[str] = []  # apps this process deployed, for shutdown()
 
 
-def endpoints_for(task: str) -> list[str]:
-    """The paths a model folder of ``task`` answers."""
-    return ["/healthz", "/v1/models"] + [path for path, needs in ENDPOINT_TASKS.items() if needs == task]
+def endpoints_for(task: Optional[str]) -> list[str]:
+    """The paths a model folder of ``task`` answers (None: a multi-model app, every task's)."""
+    return ["/healthz", "/v1/models"] + [path for path, needs in ENDPOINT_TASKS.items() if task in (None, needs)]
 
 
-def deploy(model_dir: Path, serve_cfg: ServeConfig, *, name: str = APP_NAME, trust_remote_code: bool = False,
-           address: Optional[str] = None, timeout_s: float = 300.0) -> str:
-    """Deploy (or update) the app serving ``model_dir`` on the Ray this process is connected to; wait until
-    /healthz answers; return the base URL (``address``: the cluster's, to name its host in the URL).
+def deploy(model_dir: Optional[Path], serve_cfg: ServeConfig, *, name: str = APP_NAME,
+           trust_remote_code: bool = False, address: Optional[str] = None, timeout_s: float = 300.0,
+           models: Optional[dict[str, Path]] = None, registry: Optional[Path] = None) -> str:
+    """Deploy (or update) the app serving ``model_dir`` (or, without it, the multi-model app of ``models``, id ->
+    folder, and the ``registry`` file) on the Ray this process is connected to; wait until /healthz answers;
+    return the base URL (``address``: the cluster's, to name its host in the URL).
 
     Starts Serve with ``serve_cfg``'s HTTP options unless it is already running (then its proxy's options
-    stay, and the URL uses its port). The keys in the env var named by ``serve.api_keys_env`` reach the
-    replicas as SHA-256 digests in ``{serve.api_keys_env}_SHA256`` of their ``runtime_env`` (Ray's dashboard
-    and ``serve status`` show runtime envs, so never the keys themselves); replicas also read the env var
-    when it is set on the Ray nodes.
+    stay, and the URL uses its port). The keys in the env var named by ``serve.api_keys_env`` (and the digests in
+    ``{serve.api_keys_env}_SHA256``) reach the replicas as SHA-256 digests in ``{serve.api_keys_env}_SHA256`` of
+    their ``runtime_env`` (Ray's dashboard and ``serve status`` show runtime envs, so never the keys
+    themselves); replicas also read the env var when it is set on the Ray nodes.
     """
     from ray import serve
 
     port = start_serve(serve_cfg)
-    keys = read_api_keys(serve_cfg.api_keys_env)
-    env_vars = ({serve_cfg.api_keys_env + DIGESTS_SUFFIX: ",".join(sorted(key_digest(k) for k in keys))}
-                if keys else None)
-    app = bind_app(model_dir, serve_cfg, trust_remote_code, env_vars)
+    digests = read_api_key_digests(serve_cfg.api_keys_env)
+    env_vars = {serve_cfg.api_keys_env + DIGESTS_SUFFIX: ",".join(sorted(digests))} if digests else None
+    if model_dir is not None:
+        app, what = bind_app(model_dir, serve_cfg, trust_remote_code, env_vars), str(model_dir)
+    else:
+        app = bind_models_app(models or {}, registry, serve_cfg, trust_remote_code, env_vars)
+        what = str(registry) if registry else ", ".join(str(p) for p in (models or {}).values())
     try:
         serve.run(app, name=name, route_prefix=serve_cfg.route_prefix, blocking=False,
                   logging_config={"enable_access_log": False})  # ours: one JSON line per request
     except RuntimeError as exc:
         reason = _deployment_error(name) or _tail(str(exc))
         serve.delete(name)
-        raise UserError(f"{model_dir}: the model server failed to start: {reason}\n"
+        raise UserError(f"{what}: the model server failed to start: {reason}\n"
                         "(the replica's full traceback is in Ray's logs)") from None
     if name not in _deployed:
         _deployed.append(name)

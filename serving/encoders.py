@@ -73,14 +73,15 @@ def plan_buckets(lengths: list[int], overhead: int = CALL_OVERHEAD_TOKENS) -> li
 class EncoderRunner:
     """Loads an encoder model and runs padded forward passes, one per length bucket."""
 
-    def __init__(self, spec: ModelSpec, auto_class: Any, device: str, trust_remote_code: bool):
+    def __init__(self, spec: ModelSpec, auto_class: Any, device: str, trust_remote_code: bool, weights: Any = None):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
         if not self.tokenizer.is_fast:
             raise ServingError(500, f"{spec.path}: serving needs a fast tokenizer (tokenizer.json)")
-        self.model = auto_class.from_pretrained(spec.path, use_safetensors=True,
-                                                trust_remote_code=trust_remote_code, **spec.load_kwargs())
+        # ``weights``: a model already loaded (a LoRA adapter on a shared base, serving.pool)
+        self.model = weights if weights is not None else auto_class.from_pretrained(
+            spec.path, use_safetensors=True, trust_remote_code=trust_remote_code, **spec.load_kwargs())
         self.model = self.model.to(device).eval()
         self.device = device
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -129,10 +130,11 @@ def _check_length(n_tokens: int, limit: int, param: str) -> None:
 class Classifier:
     """``/v1/classify``: label, score and every label's score for each text."""
 
-    def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool):
+    def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool,
+                 weights: Any = None):
         from transformers import AutoModelForSequenceClassification
 
-        self.runner = EncoderRunner(spec, AutoModelForSequenceClassification, device, trust_remote_code)
+        self.runner = EncoderRunner(spec, AutoModelForSequenceClassification, device, trust_remote_code, weights)
         config = self.runner.model.config
         self.labels = spec.labels or [config.id2label[i] for i in range(config.num_labels)]
         self.multi_label = config.problem_type == "multi_label_classification"
@@ -161,10 +163,11 @@ class Tagger:
     pipeline's ``aggregation_strategy="first"`` reads a model the same way. Words are the tokenizer's pre-tokenized
     words (whitespace and punctuation split)."""
 
-    def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool):
+    def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool,
+                 weights: Any = None):
         from transformers import AutoModelForTokenClassification
 
-        self.runner = EncoderRunner(spec, AutoModelForTokenClassification, device, trust_remote_code)
+        self.runner = EncoderRunner(spec, AutoModelForTokenClassification, device, trust_remote_code, weights)
         config = self.runner.model.config
         self.labels = spec.labels or [config.id2label[i] for i in range(config.num_labels)]
         self.limit = min(max_input_tokens, self.runner.max_positions())
@@ -223,10 +226,11 @@ class Reader:
     best span of all windows wins; its score is the probability of its start times that of its end, in its window.
     """
 
-    def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool):
+    def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool,
+                 weights: Any = None):
         from transformers import AutoModelForQuestionAnswering
 
-        self.runner = EncoderRunner(spec, AutoModelForQuestionAnswering, device, trust_remote_code)
+        self.runner = EncoderRunner(spec, AutoModelForQuestionAnswering, device, trust_remote_code, weights)
         self.limit = max_input_tokens  # the whole question + context, before windowing
         self.window = min(spec.max_seq_length or 10**9, self.runner.max_positions(), max_input_tokens)
         # a model's own stride as evaluated; else the default, kept under a quarter of the window

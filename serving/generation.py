@@ -39,13 +39,16 @@ class Finished:
 class Generator:
     """A causal LM with its tokenizers and chat template."""
 
-    def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool):
+    def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool,
+                 weights=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         load = dict(trust_remote_code=trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path, **load)  # request path: prompts
         self._worker_tokenizer = AutoTokenizer.from_pretrained(spec.path, **load)  # worker: decoding
-        self.model = AutoModelForCausalLM.from_pretrained(spec.path, use_safetensors=True, **load)
+        # ``weights``: a model already loaded (a LoRA adapter on a shared base, serving.pool)
+        self.model = weights if weights is not None else AutoModelForCausalLM.from_pretrained(
+            spec.path, use_safetensors=True, **load)
         self.model = self.model.to(device).eval()
         self.device = device
         self.chat_template = self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE

@@ -28,7 +28,7 @@ from serving.errors import (
 )
 from serving.model_folder import ENDPOINT_TASKS
 from serving.protocol import ModelCard, ModelList, QARequest, TextInputRequest
-from serving.telemetry import log_access
+from serving.telemetry import REQUEST_MODEL, log_access
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +36,21 @@ OPEN_PATHS = frozenset({"/healthz"})  # answered without an API key (load balanc
 
 
 def build_router(server) -> FastAPI:
-    """The FastAPI app of one replica; ``server`` is the ``ModelServer`` holding the model."""
-    app = FastAPI(title=f"rayfine: {server.spec.model_id}", docs_url=None, redoc_url=None)
-    app.state.task = server.spec.task
+    """The FastAPI app of one replica; ``server`` is the ``ModelServer`` holding the model(s). A multi-model
+    replica registers every task's routes and checks each request's model against the endpoint."""
+    title = "several models" if server.multi else server.spec.model_id
+    app = FastAPI(title=f"rayfine: {title}", docs_url=None, redoc_url=None)
+    app.state.task = None if server.multi else server.spec.task
     _add_error_handlers(app)
     _add_common_routes(app, server)
-    task = server.spec.task
-    if task == "causal_lm":
+    tasks = set(ENDPOINT_TASKS.values()) if server.multi else {server.spec.task}
+    if "causal_lm" in tasks:
         completions.add_routes(app, server)
-    elif task == "sequence_classification":
+    if "sequence_classification" in tasks:
         _add_text_route(app, server, "/v1/classify")
-    elif task == "token_classification":
+    if "token_classification" in tasks:
         _add_text_route(app, server, "/v1/ner")
-    elif task == "question_answering":
+    if "question_answering" in tasks:
         _add_qa_route(app, server)
     app.add_middleware(RequestMiddleware, server=server)
     return app
@@ -67,20 +69,37 @@ async def within_timeout(server, awaitable):
 
 def _add_common_routes(app: FastAPI, server) -> None:
     created = int(time.time())
-    card = ModelCard(id=server.spec.model_id, created=created)
+
+    def cards() -> dict[str, ModelCard]:
+        if not server.multi:
+            return {server.spec.model_id: ModelCard(id=server.spec.model_id, created=created)}
+        return {mid: ModelCard(id=mid, created=e.created or created, owned_by=e.owned_by)
+                for mid, e in sorted(server.catalog.entries().items())}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
+        if server.multi:
+            return {"status": "ok", "models": len(server.catalog.entries())}
         return {"status": "ok", "model": server.spec.model_id, "task": server.spec.task}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return ModelList(data=[card]).model_dump()
+        return ModelList(data=list(cards().values())).model_dump()
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
-        check_model(model_id, server.spec.model_id)
+        if not server.multi:
+            check_model(model_id, server.spec.model_id)
+        card = cards().get(model_id)
+        if card is None:
+            raise ServingError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
+                               param="model", code="model_not_found")
         return card.model_dump()
+
+    @app.get("/v1/replica")
+    async def replica() -> dict[str, Any]:
+        """What this replica holds (loaded models, shared LoRA bases, loads, evictions, memory)."""
+        return server.replica_status()
 
 
 async def tokenized(server, encode) -> list:
@@ -92,19 +111,18 @@ async def tokenized(server, encode) -> list:
 def _add_text_route(app: FastAPI, server, path: str) -> None:
     @app.post(path)
     async def predict(body: TextInputRequest) -> JSONResponse:
-        check_model(body.model, server.spec.model_id)
         texts = body.texts()
         check_input_count(len(texts), server.cfg.max_inputs_per_request)
         for text in texts:
             check_characters(text, server.cfg.max_input_tokens)
-        encoded = await tokenized(server, lambda: [server.model.encode(text) for text in texts])
-        return _data_response(server, *await within_timeout(server, server.predict(encoded)))
+        served = await server.served(body.model, path)  # a first request pays the model's load
+        encoded = await tokenized(server, lambda: [served.model.encode(text) for text in texts])
+        return _data_response(served, *await within_timeout(server, server.predict(served, encoded)))
 
 
 def _add_qa_route(app: FastAPI, server) -> None:
     @app.post("/v1/qa")
     async def answer(body: QARequest) -> JSONResponse:
-        check_model(body.model, server.spec.model_id)
         try:
             items = body.items()
         except ValueError as exc:
@@ -112,14 +130,15 @@ def _add_qa_route(app: FastAPI, server) -> None:
         check_input_count(len(items), server.cfg.max_inputs_per_request)
         for item in items:
             check_characters(item.question + item.context, server.cfg.max_input_tokens, "context")
-        encoded = await tokenized(server, lambda: [server.model.encode(i.question, i.context) for i in items])
-        return _data_response(server, *await within_timeout(server, server.predict(encoded)))
+        served = await server.served(body.model, "/v1/qa")
+        encoded = await tokenized(server, lambda: [served.model.encode(i.question, i.context) for i in items])
+        return _data_response(served, *await within_timeout(server, server.predict(served, encoded)))
 
 
-def _data_response(server, results: list, batch) -> JSONResponse:
+def _data_response(served, results: list, batch) -> JSONResponse:
     # X-Batch-Size: the largest model batch this request's inputs ran in; Server-Timing: that batch's time in
     # the model (observability: the access log records both).
-    return JSONResponse({"object": "list", "model": server.spec.model_id, "data": results},
+    return JSONResponse({"object": "list", "model": served.spec.model_id, "data": results},
                         headers={"X-Batch-Size": str(batch.size),
                                  "Server-Timing": f"model;dur={batch.model_ms:.2f}"})
 
@@ -222,6 +241,8 @@ class RequestMiddleware:
                 seen["timing"] = response_headers.get(b"server-timing")
             await send(message)
 
+        note = {"model": None if server.multi else server.spec.model_id}
+        REQUEST_MODEL.set(note)
         server.in_flight += 1
         server.telemetry.set_in_flight(server.in_flight)
         try:
@@ -243,10 +264,10 @@ class RequestMiddleware:
             server.telemetry.set_in_flight(server.in_flight)
             latency_ms = (time.perf_counter() - start) * 1000
             code = scope.get("rayfine.error_code")
-            server.telemetry.record_request(path, seen["status"], latency_ms, code)
+            server.telemetry.record_request(note["model"], path, seen["status"], latency_ms, code)
             log_access(server.access_log, request_id=_request_id(headers),
                        method=scope["method"], path=path, status=seen["status"],
-                       latency_ms=round(latency_ms, 2), model=server.spec.model_id,
+                       latency_ms=round(latency_ms, 2), model=note["model"],
                        batch_size=int(seen["batch"]) if seen.get("batch") else None,
                        model_ms=_model_ms(seen.get("timing")), error=code)
 

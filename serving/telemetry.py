@@ -18,12 +18,17 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any, Optional
 
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 # Paths we tag metrics with; anything else is "other", so scanners cannot blow up label cardinality.
+# The model that answers the current request, for its access log line and metrics: the request middleware sets
+# a dict here, ``ModelServer.served`` fills in the model once the request's body named it.
+REQUEST_MODEL: ContextVar[Optional[dict]] = ContextVar("rayfine_request_model", default=None)
+
 KNOWN_PATHS = frozenset({"/healthz", "/v1/models", "/v1/classify", "/v1/ner", "/v1/qa",
                          "/v1/chat/completions", "/v1/completions"})
 
@@ -31,10 +36,12 @@ KNOWN_PATHS = frozenset({"/healthz", "/v1/models", "/v1/classify", "/v1/ner", "/
 class Telemetry:
     """The metrics of one replica. Created inside the replica (metrics cannot be pickled)."""
 
-    def __init__(self, model_id: str):
+    def __init__(self, app_label: str):
+        """``app_label``: the model id of a one-model app, ``multi-model`` for a multi-model app (each request
+        is still tagged with the model that answered it)."""
         from ray.util import metrics
 
-        self.model_id = model_id
+        self.model_id = app_label
         self.requests = metrics.Counter(
             "rayfine_serve_requests_total", "HTTP requests answered by the app, by endpoint and status.",
             tag_keys=("model", "endpoint", "status"))
@@ -53,20 +60,41 @@ class Telemetry:
         self.in_flight = metrics.Gauge(
             "rayfine_serve_requests_in_flight", "Requests inside this replica's app right now.",
             tag_keys=("model",))
+        # multi-model apps: what each replica holds, and the cost of loading on demand
+        self.models_loaded = metrics.Gauge(
+            "rayfine_serve_models_loaded", "Models held by this replica of a multi-model app.", tag_keys=("app",))
+        self.loads = metrics.Counter(
+            "rayfine_serve_model_loads_total", "Models loaded on demand, by model.", tag_keys=("model",))
+        self.evictions = metrics.Counter(
+            "rayfine_serve_model_evictions_total", "Models unloaded to make room (least recently used first).",
+            tag_keys=("app",))
+        self.load_seconds = metrics.Histogram(
+            "rayfine_serve_model_load_seconds", "Time to load a model on its first request.",
+            boundaries=[0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300], tag_keys=("model",))
+        self._evicted = 0
 
-    def record_request(self, path: str, status: int, latency_ms: float, code: Optional[str]) -> None:
-        tags = {"model": self.model_id, "endpoint": endpoint_tag(path), "status": str(status)}
+    def record_request(self, model: Optional[str], path: str, status: int, latency_ms: float,
+                       code: Optional[str]) -> None:
+        tags = {"model": model or self.model_id, "endpoint": endpoint_tag(path), "status": str(status)}
         self.requests.inc(tags=tags)
         self.latency.observe(latency_ms, tags=tags)
         if status >= 400:
             self.errors.inc(tags={**tags, "code": code or "unknown"})
 
-    def record_batch(self, endpoint: str, size: int) -> None:
-        self.batch_size.observe(size, tags={"model": self.model_id, "endpoint": endpoint})
+    def record_batch(self, model: str, endpoint: str, size: int) -> None:
+        self.batch_size.observe(size, tags={"model": model, "endpoint": endpoint})
 
-    def record_tokens(self, endpoint: str, n: int) -> None:
+    def record_tokens(self, model: str, endpoint: str, n: int) -> None:
         if n:
-            self.tokens.inc(n, tags={"model": self.model_id, "endpoint": endpoint})
+            self.tokens.inc(n, tags={"model": model, "endpoint": endpoint})
+
+    def record_load(self, model: str, seconds: float, loaded: int, evictions: int) -> None:
+        self.loads.inc(tags={"model": model})
+        self.load_seconds.observe(seconds, tags={"model": model})
+        self.models_loaded.set(loaded, tags={"app": self.model_id})
+        if evictions > self._evicted:
+            self.evictions.inc(evictions - self._evicted, tags={"app": self.model_id})
+            self._evicted = evictions
 
     def set_in_flight(self, n: int) -> None:
         self.in_flight.set(n, tags={"model": self.model_id})

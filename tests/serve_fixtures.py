@@ -91,15 +91,25 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     return folders
 
 
-def build_lora_adapter(base: Path, out: Path) -> Path:
-    """A LoRA adapter folder over ``base`` (what training exports when model.lora.merge is off)."""
+def build_lora_adapter(base: Path, out: Path, seed: int | None = None, **meta) -> Path:
+    """A LoRA adapter folder over ``base`` (what training exports when model.lora.merge is off). With ``seed``
+    its weights are random rather than peft's initial zeros, so it answers differently from its base (and from
+    another seed's adapter)."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if seed is not None:
+        torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM",
-                                      fan_in_fan_out=True))
-    return _save(model, AutoTokenizer.from_pretrained(base), out, "causal_lm", None)
+                                      fan_in_fan_out=True, init_lora_weights=seed is None))
+    if seed is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0, 0.5)
+    return _save(model, AutoTokenizer.from_pretrained(base), out, "causal_lm", None, **meta)
 
 
 def build_minilm_classifier(out: Path) -> Path:

@@ -9,6 +9,7 @@ OpenAI's shape; ``/healthz`` stays open for probes) and the upload cap (413 befo
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from fastapi.responses import FileResponse
 from cluster.api import protocol
 from cluster.api.errors import APIError, file_too_large, install_error_handlers, not_found, too_large
 from cluster.api.hyperparams import build_job_config, resolve
+from cluster.api.models import INFERENCE_PATHS, ModelServing
 from cluster.api.runner import JobRunner, default_client_factory
 from cluster.api.settings import ApiSettings
 from cluster.api.store import BadCursor, StateLock, Store, new_id
@@ -39,24 +41,32 @@ def build_app(settings: ApiSettings, jobs_client: Any = None) -> FastAPI:
     lock.acquire()  # UserError while another server runs on this state
     store = Store(settings.db_path)
     factory = (lambda: jobs_client) if jobs_client is not None else default_client_factory(settings.address)
+    serving = ModelServing(settings, store, factory) if settings.serve_models else None
     runner = JobRunner(store, settings.storage, settings.poll_interval_s, factory,
                        {name: m.model_reference for name, m in settings.base_models.items()},
-                       driver_cpus=settings.driver_cpus)
+                       driver_cpus=settings.driver_cpus, on_succeeded=serving.sync if serving else None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        if serving is not None:
+            serving.start()
         runner.start()
         try:
             yield
         finally:
             runner.stop()
+            if serving is not None:
+                serving.stop()
+                await serving.aclose()
             store.close()
             lock.release()
 
     app = FastAPI(title="rayfine fine-tuning API", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.settings, app.state.store, app.state.runner = settings, store, runner
     install_error_handlers(app)
-    _add_model_routes(app, settings, store)
+    _add_model_routes(app, settings, store, serving)
+    if serving is not None:
+        _add_inference_routes(app, serving)
     _add_file_routes(app, settings, store)
     _add_job_routes(app, settings, store, runner)
     app.add_middleware(UploadLimit, limit_bytes=settings.max_upload_bytes)
@@ -125,23 +135,74 @@ class _TooLarge(Exception):
 
 
 # ---- models --------------------------------------------------------------------------------------------------
-def _add_model_routes(app: FastAPI, settings: ApiSettings, store: Store) -> None:
+def _add_model_routes(app: FastAPI, settings: ApiSettings, store: Store, serving: Optional[ModelServing]) -> None:
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "models": sorted(settings.base_models), "jobs": store.job_counts()}
+        out = {"status": "ok", "models": sorted(settings.base_models), "jobs": store.job_counts()}
+        if serving is not None:
+            out["model_server"] = serving.state
+        return out
+
+    def fine_tuned(job: dict[str, Any]) -> dict[str, Any]:
+        return protocol.model_object(job["fine_tuned_model"], job["finished_at"] or job["created_at"], job["model"],
+                                     owned_by="user")
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
-        """Base models, then the fine-tuned models of succeeded jobs (served with ``rayfine serve RUN/model``)."""
+        """Base models, then the fine-tuned models of succeeded jobs (not deleted): each answers the inference
+        endpoints at this base URL (base models of a causal LM task too)."""
         data = [protocol.model_object(m.name, m.created_at) for m in settings.base_models.values()]
-        after = None
-        while True:
-            jobs, more = store.list_jobs(after, 100)
-            data += [protocol.model_object(j["fine_tuned_model"], j["finished_at"] or j["created_at"], j["model"])
-                     for j in jobs if j["status"] == "succeeded"]
-            if not more:
-                return {"object": "list", "data": data}
-            after = jobs[-1]["id"]
+        return {"object": "list", "data": data + [fine_tuned(j) for j in store.served_jobs()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def get_model(model_id: str) -> dict[str, Any]:
+        base = settings.base_models.get(model_id)
+        if base is not None:
+            return protocol.model_object(base.name, base.created_at)
+        return fine_tuned(_served_job(store, model_id))
+
+    @app.delete("/v1/models/{model_id:path}")
+    def delete_model(model_id: str, purge: bool = False) -> dict[str, Any]:
+        """OpenAI's "delete a fine-tuned model": it stops answering at once. Its run folder stays (checkpoints,
+        metrics, the exported model) unless ``?purge=true``."""
+        if model_id in settings.base_models:
+            raise APIError(403, f"'{model_id}' is a base model of this server; only fine-tuned models can be "
+                                "deleted.", param="model", code="model_not_deletable")
+        job = _served_job(store, model_id)
+        store.update_job(job["id"], model_deleted=1)
+        if serving is not None:
+            serving.sync()
+        if purge and job["run_dir"]:
+            run_dir = Path(job["run_dir"]).resolve()
+            if run_dir.is_relative_to(settings.storage.resolve()) and run_dir != settings.storage.resolve():
+                shutil.rmtree(run_dir, ignore_errors=True)
+        logger.info("%s: model %s deleted%s", job["id"], model_id, " with its run folder" if purge else "")
+        return {"id": model_id, "object": "model", "deleted": True}
+
+
+def _served_job(store: Store, model_id: str) -> dict[str, Any]:
+    """The job of a fine-tuned model that answers (its job succeeded, the model is not deleted); else 404."""
+    job = store.job_of_model(model_id)
+    if job is None or job["status"] != "succeeded" or job["model_deleted"]:
+        raise APIError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
+                       param="model", code="model_not_found")
+    return job
+
+
+def _add_inference_routes(app: FastAPI, serving: ModelServing) -> None:
+    def relay_to(path: str):
+        async def infer(request: Request):
+            return await serving.relay(request, path)
+        return infer
+
+    for path in INFERENCE_PATHS:
+        app.add_api_route(path, relay_to(path), methods=["POST"], include_in_schema=False)
+
+    @app.get("/v1/serving")
+    async def serving_status(request: Request) -> dict[str, Any]:
+        """The models app: its state, and what the replica that answers holds (models, shared LoRA bases)."""
+        return {"state": serving.state, "problem": serving.problem, "url": serving.url,
+                "replica": await serving.replica_status(request)}
 
 
 # ---- files ---------------------------------------------------------------------------------------------------

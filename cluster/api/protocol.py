@@ -121,8 +121,9 @@ def checkpoint_object(row: dict[str, Any], fine_tuned_model: str) -> dict[str, A
             "fine_tuned_model_checkpoint": f"{fine_tuned_model}:ckpt-step-{row['step']}"}
 
 
-def model_object(model_id: str, created: int, parent: Optional[str] = None) -> dict[str, Any]:
-    out = {"id": model_id, "object": "model", "created": created, "owned_by": ORGANIZATION}
+def model_object(model_id: str, created: int, parent: Optional[str] = None,
+                 owned_by: str = ORGANIZATION) -> dict[str, Any]:
+    out = {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
     if parent:
         out["parent"] = parent
     return out

@@ -43,12 +43,15 @@ class JobRunner:
 
     def __init__(self, store: Store, storage: Path, poll_interval_s: float = 2.0,
                  client_factory: Optional[Callable[[], Any]] = None,
-                 base_models: Optional[dict[str, Optional[str]]] = None, driver_cpus: float = 1.0):
+                 base_models: Optional[dict[str, Optional[str]]] = None, driver_cpus: float = 1.0,
+                 on_succeeded: Optional[Callable[[], None]] = None):
         """``base_models``: the served base model names, each with its ``package:`` model reference or None.
         ``driver_cpus``: CPUs each job's driver reserves (its entrypoint resources), so that drivers queue for
-        the cluster's CPUs instead of piling up on the head node."""
+        the cluster's CPUs instead of piling up on the head node. ``on_succeeded``: called after a job succeeded
+        (its model is then served)."""
         self.store, self.storage, self.poll_interval_s = store, storage, poll_interval_s
         self.driver_cpus = driver_cpus
+        self.on_succeeded = on_succeeded
         self._client_factory = client_factory or default_client_factory(None)
         self._client = None
         self._cluster_problem: Optional[str] = None
@@ -263,6 +266,8 @@ class JobRunner:
             self.store.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
             self.transition(job, "succeeded", "The job has successfully completed",
                             finished_at=_timestamp(state.end_time))
+        if self.on_succeeded is not None:
+            self.on_succeeded()
 
     def _failure_message(self, job: dict[str, Any], state) -> str:
         """The ``error:`` lines rayfine printed (a user-facing problem), else Ray's own message."""

@@ -34,6 +34,9 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         raise UserError(f"--host {args.host}: without API keys anyone who reaches this port could upload files and "
                         f"start jobs on the cluster; set ${args.api_keys_env} (comma-separated keys), or pass "
                         "--insecure to listen anyway (a trusted network only)")
+    from cluster.serve_command import serve_config_from_overrides
+
+    serve = serve_config_from_overrides(list(getattr(args, "overrides", None) or []))
     data_dir = Path(args.data_dir or DEFAULT_DATA_DIR).expanduser().resolve()
     storage = Path(args.storage).expanduser().resolve() if args.storage else data_dir / "runs"
     return ApiSettings(
@@ -41,7 +44,19 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         address=args.address, api_keys_env=args.api_keys_env, host=args.host, port=args.port,
         max_upload_bytes=int(float(args.max_upload_mb or 512) * 2**20), api_keys=keys,
         db_file=Path(args.db_path).expanduser().resolve() if getattr(args, "db_path", None) else None,
-        max_active_jobs_per_key=getattr(args, "max_active_jobs", 8), driver_cpus=getattr(args, "driver_cpus", 1.0))
+        max_active_jobs_per_key=getattr(args, "max_active_jobs", 8), driver_cpus=getattr(args, "driver_cpus", 1.0),
+        serve=serve, serve_url=getattr(args, "serve_url", None) or default_serve_url(args.address, serve.port),
+        serve_models=getattr(args, "serve_models", True))
+
+
+def default_serve_url(address: str | None, port: int) -> str:
+    """The Serve ingress of the cluster whose Jobs API is ``address``: the same host, ``serve.port``."""
+    from urllib.parse import urlparse
+
+    from cluster.jobs import jobs_address
+
+    host = urlparse(jobs_address(address)).hostname or "127.0.0.1"
+    return f"http://{host}:{port}"
 
 
 def is_loopback(host: str) -> bool:
@@ -74,6 +89,9 @@ def _banner(settings: ApiSettings, where: str) -> str:
         cfg = m.config
         lines.append(f"    {m.name:<24} {cfg.task}, {cfg.model.name_or_path} ({m.config_path})")
     lines += [f"  data: {settings.data_dir}  (state: {settings.db_path})", f"  run folders: {settings.storage}"]
+    if settings.serve_models:
+        lines.append(f"  inference: /v1/chat/completions, /v1/completions, /v1/classify, /v1/ner, /v1/qa by model id, "
+                     f"served by the Ray Serve app rayfine-models at {settings.serve_url}")
     if settings.api_keys:
         lines.append(f"  auth: on (Authorization: Bearer KEY, keys from ${settings.api_keys_env})")
     else:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from core.config import RunConfig, load_config
+from core.config import RunConfig, ServeConfig, load_config
 from core.errors import UserError
 
 # A base name is part of ``ft:BASE:SUFFIX:JOBID``, so it must not contain ':'.
@@ -46,6 +46,9 @@ class ApiSettings:
     db_file: Optional[Path] = None  # the SQLite file when not DATA_DIR/api.sqlite3 (e.g. on local disk)
     max_active_jobs_per_key: int = 8  # 0: no cap
     driver_cpus: float = 1.0  # CPUs each job's driver reserves on the cluster (0: none)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # the models app's serve: section (--set serve.*)
+    serve_url: str = "http://127.0.0.1:8000"  # the cluster's Serve HTTP ingress
+    serve_models: bool = True  # deploy the models app and answer inference (off in tests of the jobs API alone)
 
     @property
     def files_dir(self) -> Path:

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     seed INTEGER NOT NULL, metadata TEXT, status TEXT NOT NULL, error TEXT, fine_tuned_model TEXT NOT NULL,
     created_at INTEGER NOT NULL, finished_at INTEGER, ray_job_id TEXT NOT NULL, submitted INTEGER NOT NULL DEFAULT 0,
     run_dir TEXT, metrics_offset INTEGER NOT NULL DEFAULT 0, total_steps INTEGER, trained_tokens INTEGER,
-    config TEXT NOT NULL, estimated_finish INTEGER, method TEXT, owner TEXT, stop_pending INTEGER NOT NULL DEFAULT 0);
+    config TEXT NOT NULL, estimated_finish INTEGER, method TEXT, owner TEXT, stop_pending INTEGER NOT NULL DEFAULT 0,
+    model_deleted INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
     created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
@@ -51,7 +52,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 """
 # Columns added after the first release: (table, column, type), added to an older database when it is opened.
 _ADDED_COLUMNS = (("jobs", "estimated_finish", "INTEGER"), ("jobs", "method", "TEXT"), ("jobs", "owner", "TEXT"),
-                  ("jobs", "stop_pending", "INTEGER NOT NULL DEFAULT 0"))
+                  ("jobs", "stop_pending", "INTEGER NOT NULL DEFAULT 0"),
+                  ("jobs", "model_deleted", "INTEGER NOT NULL DEFAULT 0"))
 _JSON_COLUMNS = {"hyperparameters", "metadata", "error", "data", "metrics", "config"}
 
 
@@ -199,6 +201,14 @@ class Store:
             params += list(only_if)
         with self._lock:
             return self._db.execute(sql, params).rowcount == 1
+
+    def served_jobs(self) -> list[dict[str, Any]]:
+        """Succeeded jobs whose fine-tuned model has not been deleted, oldest first."""
+        return self._rows("SELECT * FROM jobs WHERE status = 'succeeded' AND model_deleted = 0 ORDER BY seq")
+
+    def job_of_model(self, model_id: str) -> Optional[dict[str, Any]]:
+        """The job whose fine-tuned model is ``model_id`` (any status)."""
+        return self._one("SELECT * FROM jobs WHERE fine_tuned_model = ?", [model_id])
 
     def job_counts(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in self._rows("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")}
