@@ -1,12 +1,14 @@
 """``rayfine api`` end to end: the real server process, a real Ray cluster (head + worker node, token auth) and
 the official ``openai`` package.
 
-A tiny BERT base model and a tiny Llama. In order: a malformed upload is refused naming its line; a job whose
+A tiny BERT base model and a tiny Llama (LoRA). In order: a malformed upload is refused naming its line; a job whose
 validation file has a label the training file lacks fails in validating_files; a DPO job on the Llama is
 validated, submitted and cancelled (and its Ray job is stopped); a job runs to succeeded while the server is
 restarted mid-run (the restarted server reconciles it from Ray and the run folder); its fine-tuned model, run
-folder and checkpoints are checked; a final restart lists every job with the same status. DPO training itself is
-tested in test_train_dpo.py.
+folder and checkpoints are checked; two LoRA jobs on the Llama succeed and their ``ft:`` models answer chat
+completions at the same base URL, from one replica holding one copy of the base, next to the classifier answering
+/v1/classify; a deleted model stops answering; a final restart lists every job with the same status and the models
+still answer. DPO training itself is tested in test_train_dpo.py.
 """
 
 from __future__ import annotations
@@ -45,10 +47,14 @@ class ApiServer:
 
     def __init__(self, base_config: Path, lm_config: Path, ray_head, data_dir: Path, log: Path):
         self.port = free_port()
+        serve_port = free_port()
         self.log = log
         self.cmd = [str(Path(sys.executable).parent / "rayfine"), "api", f"{BASE}={base_config}", f"{LM}={lm_config}",
                     "--address", ray_head.address, "--data-dir", str(data_dir),
-                    "--storage", str(ray_head.storage / "api-runs"), "--port", str(self.port)]
+                    "--storage", str(ray_head.storage / "api-runs"), "--port", str(self.port),
+                    "--driver-cpus", "0.5", "--serve-url", f"http://127.0.0.1:{serve_port}",
+                    "--set", f"serve.port={serve_port}", "--set", "serve.cpus_per_replica=0.5",
+                    "--set", "serve.threads_per_replica=1", "--set", "serve.max_new_tokens=16"]
         self.env = dict(ray_head.env) | {"RAYFINE_API_KEYS": API_KEY}
         self.proc = None
 
@@ -101,7 +107,7 @@ def api(ray_head, tiny_bert, tiny_llama, tmp_path_factory):
     }))
     lm = tmp / "tiny-lm.yaml"
     lm.write_text(yaml.safe_dump({
-        "task": "causal_lm", "model": {"name_or_path": str(tiny_llama)},
+        "task": "causal_lm", "model": {"name_or_path": str(tiny_llama), "lora": {"enabled": True, "r": 4}},
         "data": {"train": str(default_train), "max_seq_length": 48},
         "training": {"epochs": 1, "learning_rate": 5e-3, "batch_size": 8, "warmup_ratio": 0.0, "log_every_steps": 1},
         "deepspeed": {"stage": 2}, "scaling": {"num_workers": 1, "use_gpu": False},
@@ -246,11 +252,83 @@ def test_a_job_runs_to_succeeded_across_a_server_restart(api, sdk, jobs_client, 
     assert f"{job.id}: queued -> running" in log and f"{job.id}: running -> succeeded" in log
 
 
+def served(api, path: str, body: dict):
+    import httpx
+
+    return httpx.post(f"{api.url}{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+
+
+def test_fine_tuned_models_answer_at_the_same_base_url(api, sdk):
+    from tests.conftest import chat_rows
+
+    train = upload(sdk, chat_rows(32, seed=3), "chat.jsonl")
+    jobs = [sdk.fine_tuning.jobs.create(model=LM, training_file=train.id, suffix=suffix, seed=seed, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 8}}})
+        for suffix, seed in (("a", 1), ("b", 2))]
+    done = [wait_for(sdk, job.id, {"succeeded", "failed", "cancelled"}, timeout=300) for job in jobs]
+    assert [j.status for j in done] == ["succeeded", "succeeded"], [j.error for j in done]
+    model_a, model_b = (j.fine_tuned_model for j in done)
+    ids = [m.id for m in sdk.models.list()]
+    assert model_a in ids and model_b in ids and sdk.models.retrieve(model_a).owned_by == "user"
+
+    question = [{"role": "user", "content": "what is the capital of peru?"}]
+    started = time.time()
+    first = sdk.chat.completions.create(model=model_a, messages=question, max_tokens=8, temperature=0)
+    first_answer_s = time.time() - started  # the model server deploys at start; this loads base + adapter
+    assert first.model == model_a and first.choices[0].finish_reason in ("stop", "length")
+    assert first.usage.completion_tokens <= 8
+    again = sdk.chat.completions.create(model=model_a, messages=question, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == first.choices[0].message.content  # greedy: the same text
+    stream = sdk.chat.completions.create(model=model_b, messages=question, max_tokens=8, temperature=0,
+                                         stream=True)
+    chunks = list(stream)
+    assert chunks and all(c.model == model_b for c in chunks) and chunks[-1].choices[0].finish_reason
+    print(f"first answer of {model_a}: {first_answer_s:.1f}s")
+
+    # Both adapters sit on one replica, on one copy of the base model.
+    import httpx
+
+    status = httpx.get(f"{api.url}/serving", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).json()
+    assert status["state"] == "ready"
+    replica = status["replica"]
+    assert {model_a, model_b} <= set(replica["models_loaded"])
+    assert [sorted(b["models"]) for b in replica["base_models_loaded"]] == [sorted([model_a, model_b])]
+
+    # The classifier of the earlier job answers /v1/classify by its id; a causal LM's id there is refused.
+    classifier = next(j.fine_tuned_model for j in sdk.fine_tuning.jobs.list() if j.model == BASE
+                      and j.status == "succeeded")
+    labels = served(api, "/classify", {"model": classifier, "input": ["the movie was great", "the hotel was awful"]})
+    assert labels.status_code == 200, labels.text
+    data = labels.json()["data"]
+    assert len(data) == 2 and all(set(d["scores"]) == {"pos", "neg"} and d["label"] in d["scores"] for d in data)
+    assert labels.json()["model"] == classifier
+    wrong = served(api, "/classify", {"model": model_a, "input": "fine"})
+    assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "unsupported_endpoint"
+
+    with pytest.raises(openai.NotFoundError) as err:
+        sdk.chat.completions.create(model="ft:tiny-lm:nope:ftjob-missing", messages=question)
+    assert err.value.code == "model_not_found"
+    deleted = sdk.models.delete(model_b)
+    assert deleted.deleted and deleted.id == model_b
+    with pytest.raises(openai.NotFoundError) as err:
+        sdk.chat.completions.create(model=model_b, messages=question)
+    assert err.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve(model_b)
+    assert model_b not in [m.id for m in sdk.models.list()]
+    run_b = Path(api.cmd[api.cmd.index("--storage") + 1]) / done[1].id
+    assert (run_b / "model" / "adapter_config.json").is_file()  # deleting a model keeps its run folder
+
+
 def test_a_restart_keeps_every_job_and_status(api, sdk):
     before = {j.id: (j.status, j.fine_tuned_model) for j in sdk.fine_tuning.jobs.list(limit=100)}
-    assert sorted(s for s, _ in before.values()) == ["cancelled", "failed", "succeeded"]
+    assert sorted(s for s, _ in before.values()) == ["cancelled", "failed", "succeeded", "succeeded", "succeeded"]
     api.restart()
     after = {j.id: (j.status, j.fine_tuned_model) for j in sdk.fine_tuning.jobs.list(limit=100)}
     assert after == before
-    assert len(list(sdk.files.list())) == 6
+    assert len(list(sdk.files.list())) == 7
     assert os.path.isfile(Path(api.cmd[api.cmd.index("--data-dir") + 1]) / "api.sqlite3")
+    # The models still answer after the restart (the models app kept running on the cluster).
+    model_a = next(m for _, m in after.values() if m and m.startswith(f"ft:{LM}:a:"))
+    answer = sdk.chat.completions.create(model=model_a, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert answer.model == model_a
