@@ -63,6 +63,7 @@ def build_app(settings: ApiSettings, jobs_client: Any = None) -> FastAPI:
 
     app = FastAPI(title="rayfine fine-tuning API", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.settings, app.state.store, app.state.runner = settings, store, runner
+    app.state.serving = serving
     install_error_handlers(app)
     _add_model_routes(app, settings, store, serving)
     if serving is not None:

@@ -291,3 +291,51 @@ def test_keys_are_checked_by_digest_from_either_env_var(monkeypatch):
         assert bearer_key_ok({b"authorization": f"Bearer {key}".encode()}, digests) is ok, key
     assert not bearer_key_ok({b"authorization": b"Bearer \xff"}, digests)
     assert read_api_key_digests("UNSET_KEYS_VAR") == frozenset()
+
+
+def succeeded_job(client, tmp_path) -> dict:
+    """A job created through the API, then marked succeeded with a run folder (as the runner does)."""
+    file_id = upload(client, jsonl(sentiment_rows(10))).json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "minilm", "training_file": file_id,
+                                                    "suffix": "s"}).json()
+    run_dir = tmp_path / "runs" / job["id"]
+    (run_dir / "model").mkdir(parents=True)
+    store = client.app.state.store
+    store.update_job(job["id"], status="succeeded", run_dir=str(run_dir), finished_at=123)
+    client.app.state.serving.sync()
+    return store.get_job(job["id"])
+
+
+def test_fine_tuned_models_are_listed_retrieved_deleted_and_kept_out_of_the_registry(tmp_path):
+    with TestClient(build_app(make_settings(tmp_path, serve_url="http://127.0.0.1:9"))) as c:
+        job = succeeded_job(c, tmp_path)
+        model = job["fine_tuned_model"]
+        registry = json.loads((tmp_path / "runs" / "models.json").read_text())
+        assert registry["models"] == {model: {"path": f"{job['run_dir']}/model", "owned_by": "user",
+                                              "created": 123}}  # a classification base model is not served
+        assert registry["serve"]["route_prefix"] == "/rayfine-models"
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["minilm", model]
+        assert c.get(f"/v1/models/{model}").json() == {"id": model, "object": "model", "created": 123,
+                                                       "owned_by": "user", "parent": "minilm"}
+        # Known model, model server not up (nothing listens at --serve-url): 503 with Retry-After, not a hang.
+        r = c.post("/v1/classify", json={"model": model, "input": "fine"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["error"]["code"] == "model_server_unavailable"
+        for body, status, code in (({"model": "ft:minilm:x:ftjob-nope", "input": "x"}, 404, "model_not_found"),
+                                   ({"input": "x"}, 400, "missing_model")):
+            r = c.post("/v1/classify", json=body)
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code)
+        assert c.post("/v1/chat/completions", content=b"{not json").json()["error"]["code"] == "invalid_json"
+        r = c.delete("/v1/models/minilm")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_deletable"
+        assert c.delete(f"/v1/models/{model}").json() == {"id": model, "object": "model", "deleted": True}
+        assert json.loads((tmp_path / "runs" / "models.json").read_text())["models"] == {}
+        assert Path(job["run_dir"]).is_dir()  # kept without ?purge=true
+        for call in (lambda: c.get(f"/v1/models/{model}"), lambda: c.delete(f"/v1/models/{model}"),
+                     lambda: c.post("/v1/classify", json={"model": model, "input": "x"})):
+            r = call()
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["minilm"]
+        other = succeeded_job(c, tmp_path)
+        assert c.delete(f"/v1/models/{other['fine_tuned_model']}?purge=true").status_code == 200
+        assert not Path(other["run_dir"]).exists() and (tmp_path / "runs").is_dir()

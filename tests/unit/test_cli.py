@@ -31,3 +31,38 @@ def test_config_errors_exit_1_without_traceback(tmp_path):
 def test_usage_errors_exit_2():
     assert run("train").returncode == 2
     assert run("frobnicate").returncode == 2
+
+
+def fake_model_folder(path, model_id=None):
+    """What ``rayfine serve`` reads before any weights load: config.json, rayfine.json, a weights file."""
+    import json
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    (path / "model.safetensors").write_bytes(b"")
+    if model_id:
+        (path / "rayfine.json").write_text(json.dumps({"task": "causal_lm", "model_id": model_id}))
+    return path
+
+
+def test_serving_several_folders_names_each_problem(tmp_path):
+    from cluster.serve_command import resolve_targets
+
+    a = fake_model_folder(tmp_path / "a" / "model", "ft:base::ftjob-1")
+    b = fake_model_folder(tmp_path / "b" / "model")
+    target = resolve_targets([str(tmp_path / "a"), str(b)], ["serve.max_models_per_replica=2"])
+    assert target.model_dir is None and target.cfg.max_models_per_replica == 2
+    assert target.models == {"ft:base::ftjob-1": a.resolve(), "model": b.resolve()}  # a run folder means its model/
+
+    twin = fake_model_folder(tmp_path / "twin", "ft:base::ftjob-1")
+    proc = run("serve", str(a), str(twin))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{twin}: its model id 'ft:base::ftjob-1' is also the id of {a.resolve()}" in proc.stderr
+    proc = run("serve", str(a), str(tmp_path / "missing"))
+    assert proc.returncode == 1 and f"{tmp_path / 'missing'}: not a model folder" in proc.stderr
+    proc = run("serve", str(a), str(b), "--config-out", str(tmp_path / "x.yaml"))
+    assert proc.returncode == 1 and "--config-out writes the Serve config of one model folder" in proc.stderr
+    bad = tmp_path / "models.json"
+    bad.write_text('{"models": [1]}')
+    proc = run("serve", str(bad))
+    assert proc.returncode == 1 and f"{bad}: not a model registry" in proc.stderr
