@@ -74,9 +74,9 @@ class EncoderRunner:
     """Loads an encoder model and runs padded forward passes, one per length bucket."""
 
     def __init__(self, spec: ModelSpec, auto_class: Any, device: str, trust_remote_code: bool, weights: Any = None):
-        from transformers import AutoTokenizer
+        from serving.tokenizers import shared_tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
+        self.tokenizer = shared_tokenizer(spec.path, "tokenizing", trust_remote_code)  # the tokenizing thread's
         if not self.tokenizer.is_fast:
             raise ServingError(500, f"{spec.path}: serving needs a fast tokenizer (tokenizer.json)")
         # ``weights``: a model already loaded (a LoRA adapter on a shared base, serving.pool)

@@ -41,11 +41,13 @@ class Generator:
 
     def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool,
                  weights=None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from serving.tokenizers import shared_tokenizer
 
         load = dict(trust_remote_code=trust_remote_code)
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.path, **load)  # request path: prompts
-        self._worker_tokenizer = AutoTokenizer.from_pretrained(spec.path, **load)  # worker: decoding
+        self.tokenizer = shared_tokenizer(spec.path, "loop", trust_remote_code)  # request path: prompts
+        self._worker_tokenizer = shared_tokenizer(spec.path, "worker", trust_remote_code)  # worker: decoding
         # ``weights``: a model already loaded (a LoRA adapter on a shared base, serving.pool)
         self.model = weights if weights is not None else AutoModelForCausalLM.from_pretrained(
             spec.path, use_safetensors=True, **load)
