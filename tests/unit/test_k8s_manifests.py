@@ -1042,14 +1042,15 @@ def candidate_ports(dst: dict) -> set[int]:
 def outside_ingress_problems(policies: list[dict]) -> list[str]:
     """Every way into a Ray pod from outside its own Ray cluster, against what is declared: the serve port of a
     RayService pod from anywhere, the metrics ports from the monitoring namespace, a head's 8265 from the API
-    server, the KubeRay operator and the RayJob's own submitter. Nothing else, and all of these (the metrics
+    server, the KubeRay operator and the RayJob's own submitter, the RayCluster's serve port from the API server
+    (its models app). Nothing else, and all of these (the metrics
     ports the pod declares; the others of METRICS_PORTS may be open too, nothing listens there)."""
     problems = []
     for dst in ray_pods():
         for src in other_pods() + [p for p in ray_pods() if p["cluster"] != dst["cluster"]]:
             required = set()
-            if dst["kind"] == "RayService":
-                required.add(SERVE_PORT)
+            if dst["kind"] == "RayService" or (dst["kind"] == "RayCluster" and src["name"] == "rayfine API server"):
+                required.add(SERVE_PORT)  # the RayCluster: the models app of `rayfine api`
             if dst["labels"]["ray.io/node-type"] == "head" and (
                     src["name"] in ("rayfine API server", "KubeRay operator")
                     or src.get("submits_to") == dst["cluster"]):
