@@ -142,3 +142,27 @@ def test_models_come_and_go_with_the_registry(app, client, folders):
     write_registry(folders["registry"], {}, {})
     gone = complete(client, app, "lora-c", "hi")
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+
+
+def test_per_model_metrics_loads_and_evictions_are_exported(app, client):
+    import re
+
+    import ray
+
+    assert complete(client, app, "lora-b", "count me").status_code == 200
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = {
+        "per-model requests": re.compile(r'^ray_rayfine_serve_requests_total\{[^}]*endpoint="/v1/completions"'
+                                         r'[^}]*model="lora-b"[^}]*status="200"', re.M),
+        "per-model latency": re.compile(r'^ray_rayfine_serve_request_latency_ms_bucket\{[^}]*model="lora-a"', re.M),
+        "models loaded": re.compile(r'^ray_rayfine_serve_models_loaded\{[^}]*\} 3(\.0)?$', re.M),
+        "loads": re.compile(r'^ray_rayfine_serve_model_loads_total\{[^}]*model="tiny-cls"[^}]*\} 1(\.0)?$', re.M),
+        "evictions": re.compile(r'^ray_rayfine_serve_model_evictions_total\{[^}]*\} [1-9]', re.M),
+        "load time": re.compile(r'^ray_rayfine_serve_model_load_seconds_count\{[^}]*model="lora-a"', re.M),
+    }
+    deadline, missing = time.monotonic() + 60, set(wanted)
+    while missing and time.monotonic() < deadline:  # Ray exports application metrics every few seconds
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = {name for name, pattern in wanted.items() if not pattern.search(text)}
+        time.sleep(1)
+    assert not missing, f"metrics not exported: {missing}"
