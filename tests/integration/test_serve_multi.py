@@ -48,7 +48,7 @@ def app(folders, ray_local):
     try:
         yield deploy(None, cfg, name="multi", models=models, registry=folders["registry"])
     finally:
-        serve.delete("multi")
+        serve.shutdown()  # its proxy's port goes with it; Ray itself is the session's
 
 
 @pytest.fixture(scope="module")
