@@ -341,6 +341,19 @@ class OutputConfig(_Section):
                                     "None = the run folder's name")
 
 
+class MlflowConfig(_Section):
+    tracking_uri: Optional[str] = Field(
+        None, description="an MLflow tracking server (http://...) or store; None = sqlite:///OUTPUT_DIR/mlflow.db, "
+        "which `mlflow ui --backend-store-uri sqlite:///OUTPUT_DIR/mlflow.db` shows with no server")
+    experiment: str = Field("rayfine", min_length=1, description="the MLflow experiment (created if missing)")
+    run_name: Optional[str] = Field(None, description="None = the run folder's name")
+
+
+class TrackingConfig(_Section):
+    mlflow: Optional[MlflowConfig] = Field(None, description="log to MLflow (off unless set, e.g. mlflow: {})")
+    tensorboard: bool = Field(False, description="write TensorBoard event files to RUN/tensorboard")
+
+
 class RunConfig(_Section):
     task: Literal[TASKS] = "sequence_classification"  # type: ignore[valid-type]
     model: ModelConfig
@@ -351,6 +364,7 @@ class RunConfig(_Section):
     tune: TuneConfig = TuneConfig()
     serve: ServeConfig = ServeConfig()
     output: OutputConfig = OutputConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def rules(self) -> list[str]:
         return contradictions(self)

@@ -26,6 +26,7 @@ from core.config import RunConfig, dump_config
 from core.errors import UserError
 from core.run_folder import CHECKPOINTS, RunFolder, read_records
 from training.loop import TrainPlan, train_loop_per_worker
+from training.tracking import RunTracker
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,13 @@ class MetricsLogCallback(UserCallback):
 
 class ProgressPrinter(threading.Thread):
     """Follows metrics.jsonl from the driver and logs one line per report (workers' logs stay in Ray's
-    log folder, so the terminal shows the run's progress and not Ray's internals)."""
+    log folder, so the terminal shows the run's progress and not Ray's internals); hands the records to the
+    run's trackers (``training.tracking``) too. ``show=False``: trackers only (a Tune trial prints nowhere)."""
 
-    def __init__(self, path: Path, total_steps: int):
+    def __init__(self, path: Path, total_steps: int, tracker=None, show: bool = True):
         super().__init__(daemon=True)
         self.path, self.total_steps = path, total_steps
+        self.tracker, self.show = tracker, show
         self.offset = path.stat().st_size if path.exists() else 0
         self.started = time.time()
         self.stopped = threading.Event()
@@ -98,8 +101,10 @@ class ProgressPrinter(threading.Thread):
 
     def flush(self) -> None:
         records, self.offset = read_records(self.path, self.offset)
-        for record in records:
+        for record in records if self.show else ():
             logger.info(format_progress(record, self.total_steps, time.time() - self.started))
+        if records and self.tracker is not None:
+            self.tracker.log(records)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -223,10 +228,12 @@ def _root_cause(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
-def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool = True, parameter_count=None):
+def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool = True, parameter_count=None,
+            tracker=None):
     """Build and fit the trainer; returns Ray's Result. Raises UserError on a failed run.
 
     ``progress=False`` skips the per-report lines (a Tune trial's driver prints nowhere a user looks).
+    ``tracker``: a started ``training.tracking.RunTracker`` that gets every report.
     ``parameter_count``: ``preflight.start_parameter_count``'s answer, when the count was started earlier."""
     import ray
     import ray.train
@@ -241,7 +248,8 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu, num_params,
                            packed_sequences=estimate_packed_sequences(cfg, summary))
     trainer = build_trainer(cfg, plan, labels, run_dir, [MetricsLogCallback(run_dir), *callbacks], summary)
-    printer = ProgressPrinter(RunFolder(run_dir).metrics, plan.total_steps) if progress else None
+    printer = (ProgressPrinter(RunFolder(run_dir).metrics, plan.total_steps, tracker, show=progress)
+               if progress or tracker is not None else None)
     if printer:
         printer.start()
     metrics_file = RunFolder(run_dir).metrics
@@ -334,13 +342,21 @@ def train(cfg: RunConfig) -> TrainResult:
     started = time.time()
     timings.mark("run folder")
     metrics_before = RunFolder(run_dir).metrics.stat().st_size if RunFolder(run_dir).metrics.exists() else 0
-    result, plan = fit_run(cfg, summary, run_dir, parameter_count=parameter_count)
-    if timings.enabled():
-        logger.info(timings.startup_table(_worker_startup(run_dir, metrics_before)))
-        timings.reset()
-    logger.info(f"Training finished in {time.time() - started:.0f}s ({plan.total_steps} steps, "
-                f"{cfg.scaling.num_workers} workers, ZeRO-{plan.zero_stage}).")
-    done = finalize_run(cfg, run_dir, result)
+    tracker = RunTracker(cfg, run_dir)
+    if tracker.enabled:
+        tracker.start()
+    try:
+        result, plan = fit_run(cfg, summary, run_dir, parameter_count=parameter_count, tracker=tracker)
+        if timings.enabled():
+            logger.info(timings.startup_table(_worker_startup(run_dir, metrics_before)))
+            timings.reset()
+        logger.info(f"Training finished in {time.time() - started:.0f}s ({plan.total_steps} steps, "
+                    f"{cfg.scaling.num_workers} workers, ZeRO-{plan.zero_stage}).")
+        done = finalize_run(cfg, run_dir, result)
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    tracker.finish(done.metrics)
     for split, m in done.metrics.items():
         logger.info(f"\n{split} metrics:\n{format_metrics_table(m)}")
     logger.info(f"\nModel exported to {done.model_dir}")

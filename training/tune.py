@@ -20,6 +20,7 @@ unfinished ones continue from their own Train checkpoints.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -37,6 +39,7 @@ from core.ray_private import actor_table, placement_groups_of_dead_actors
 from core.run_folder import CHECKPOINTS, RunFolder
 from training.driver import finalize_run, fit_run, prepare_run_dir
 from training.plots import load_metrics
+from training.tracking import RunTracker
 from training.tune_results import (
     EVALUATION,
     FINISHED,
@@ -106,8 +109,11 @@ def trial_config(base: RunConfig, params: dict, trial_dir: Path) -> RunConfig:
     return load_config(raw=raw)  # a bad combination fails the trial with the key and the fix
 
 
-def run_trial(params: dict, base: RunConfig, summary, tune_dir: str) -> None:
-    """The Tune trainable: one rayfine training run (Ray Train workers with DeepSpeed, as ``rayfine train``)."""
+def run_trial(params: dict, base: RunConfig, summary, tune_dir: str, parent_run_id: Optional[str] = None,
+              tracking_uri: Optional[str] = None) -> None:
+    """The Tune trainable: one rayfine training run (Ray Train workers with DeepSpeed, as ``rayfine train``);
+    tracked as a child run of the search's (``parent_run_id``, in its store ``tracking_uri``) when ``tracking:``
+    is on."""
     import ray.tune
 
     trial_dir = Path(tune_dir) / f"trial_{ray.tune.get_context().get_trial_id()}"
@@ -115,7 +121,16 @@ def run_trial(params: dict, base: RunConfig, summary, tune_dir: str) -> None:
     cfg = trial_config(base, params, trial_dir)
     RunFolder(trial_dir).config.write_text(dump_config(cfg))
     metric = base.tune.metric
-    result, _ = fit_run(cfg, summary, trial_dir, callbacks=[ReportToTune(metric, trial_dir)], progress=False)
+    tracker = RunTracker(cfg, trial_dir, parent_run_id=parent_run_id, tracking_uri=tracking_uri)
+    if tracker.enabled:
+        tracker.start()
+    try:
+        result, _ = fit_run(cfg, summary, trial_dir, callbacks=[ReportToTune(metric, trial_dir)], progress=False,
+                            tracker=tracker)
+    except BaseException:  # a failed trial, or one ASHA stopped (Tune ends its actor)
+        tracker.finish(failed=True)
+        raise
+    tracker.finish({"validation": json.loads((result.metrics or {}).get("eval_report") or "{}")})
     if metric not in (result.metrics or {}):
         reported = ", ".join(k for k in result.metrics or {} if k.startswith(("eval_", "test_")))
         raise UserError(f"tune.metric: {metric!r} is not reported at evaluations; they report {reported}")
@@ -399,45 +414,59 @@ def tune_command(cfg: RunConfig, local: bool = True) -> TuneResult:
     logger.info("  records: " + ", ".join(f"{k} {v:,}" for k, v in summary.counts.items()))
     cfg, tune_dir, _ = prepare_run_dir(cfg)  # a finished search (model/) is never overwritten
     concurrent = fit_concurrency(cfg, local)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg, summary=summary, tune_dir=str(tune_dir)), TRIAL_DRIVER_RESOURCES)
-    if tune.Tuner.can_restore(tune_dir):
-        check_same_search(cfg, tune_dir)
-        logger.info(f"Resuming the search in {tune_dir}")
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        RunFolder(tune_dir).config.write_text(dump_config(cfg))
-        logger.info(f"Starting the search in {tune_dir}: {t.num_samples} sample(s), {t.scheduler} scheduler, "
-                    f"{t.search_alg} search, {concurrent} trial(s) at once of {cfg.scaling.num_workers} worker(s)")
-        tuner = tune.Tuner(
-            trainable, param_space=param_space, tune_config=build_tune_config(cfg, concurrent),
-            run_config=tune.RunConfig(name=tune_dir.name, storage_path=str(tune_dir.parent), verbose=0,
-                                      callbacks=[TuneProgress(t.metric), TrainRunSweeper()],
-                                      failure_config=tune.FailureConfig(max_failures=0)))
-    started = time.time()
-    with quiet_tune(), interrupt_marker() as interrupted:
-        results = tuner.fit()
-        was_interrupted = interrupted()
-    # The last trials' runs, before export, serving or a restore.
-    TrainRunSweeper().sweep(wait_s=30, end_leftovers=True)
-    if was_interrupted or results.num_terminated + results.num_errors < len(results):
-        logger.info(f"\nSearch interrupted after {time.time() - started:.0f}s; its state is saved in {tune_dir}. "
-                    "Run the same command again to resume it (finished trials are not re-run).")
-        raise KeyboardInterrupt
-    run = RunFolder(tune_dir)
-    rows = collect_trials(results, t.metric, t.mode)
-    write_results_csv(rows, run.tune_results, t.metric)
-    write_tune_plot(rows, run.plots, t.metric)
-    logger.info(f"\nSearch finished in {time.time() - started:.0f}s. Trials, best first:\n"
-                f"{format_ranked_table(rows, t.metric)}")
-    finished = [r for r in rows if r.status == FINISHED]
-    if not finished:
-        raise UserError([f"trial {r.trial_id}: {r.status}{': ' + r.error if r.error else ''}" for r in rows],
-                        header=f"no trial of the search in {tune_dir} finished:")
-    best = finished[0]
-    done = export_best(best, cfg, tune_dir)
-    for split, m in done.metrics.items():
-        logger.info(f"\nBest trial {best.trial_id} ({format_params(best.params)}), {split} metrics:\n"
-                    f"{format_metrics_table(m)}")
-    logger.info(f"\nResults: {run.tune_results}\nModel exported to {done.model_dir}")
+    search = RunTracker(cfg, tune_dir, search=True)  # the parent run of the trials' (MLflow)
+    if search.enabled:
+        search.start()
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=cfg, summary=summary, tune_dir=str(tune_dir),
+                                 parent_run_id=search.run_id, tracking_uri=search.uri), TRIAL_DRIVER_RESOURCES)
+        if tune.Tuner.can_restore(tune_dir):
+            check_same_search(cfg, tune_dir)
+            logger.info(f"Resuming the search in {tune_dir}")
+            tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            RunFolder(tune_dir).config.write_text(dump_config(cfg))
+            logger.info(f"Starting the search in {tune_dir}: {t.num_samples} sample(s), {t.scheduler} scheduler, "
+                        f"{t.search_alg} search, {concurrent} trial(s) at once of {cfg.scaling.num_workers} worker(s)")
+            tuner = tune.Tuner(
+                trainable, param_space=param_space, tune_config=build_tune_config(cfg, concurrent),
+                run_config=tune.RunConfig(name=tune_dir.name, storage_path=str(tune_dir.parent), verbose=0,
+                                          callbacks=[TuneProgress(t.metric), TrainRunSweeper()],
+                                          failure_config=tune.FailureConfig(max_failures=0)))
+        started = time.time()
+        with quiet_tune(), interrupt_marker() as interrupted:
+            results = tuner.fit()
+            was_interrupted = interrupted()
+        # The last trials' runs, before export, serving or a restore.
+        TrainRunSweeper().sweep(wait_s=30, end_leftovers=True)
+        if was_interrupted or results.num_terminated + results.num_errors < len(results):
+            logger.info(f"\nSearch interrupted after {time.time() - started:.0f}s; its state is saved in {tune_dir}. "
+                        "Run the same command again to resume it (finished trials are not re-run).")
+            raise KeyboardInterrupt
+        run = RunFolder(tune_dir)
+        rows = collect_trials(results, t.metric, t.mode)
+        write_results_csv(rows, run.tune_results, t.metric)
+        write_tune_plot(rows, run.plots, t.metric)
+        logger.info(f"\nSearch finished in {time.time() - started:.0f}s. Trials, best first:\n"
+                    f"{format_ranked_table(rows, t.metric)}")
+        finished = [r for r in rows if r.status == FINISHED]
+        if not finished:
+            raise UserError([f"trial {r.trial_id}: {r.status}{': ' + r.error if r.error else ''}" for r in rows],
+                            header=f"no trial of the search in {tune_dir} finished:")
+        best = finished[0]
+        done = export_best(best, cfg, tune_dir)
+        search.end_children([tune_dir / f"trial_{r.trial_id}" for r in rows])
+        best_run = RunTracker(cfg, tune_dir / f"trial_{best.trial_id}").saved_run_id()  # in the search's store
+        if best_run:
+            search.tag("best_trial", "true", best_run)
+            search.tag("best_trial_id", best.trial_id)
+        search.finish(done.metrics)
+        for split, m in done.metrics.items():
+            logger.info(f"\nBest trial {best.trial_id} ({format_params(best.params)}), {split} metrics:\n"
+                        f"{format_metrics_table(m)}")
+        logger.info(f"\nResults: {run.tune_results}\nModel exported to {done.model_dir}")
+    except BaseException:
+        search.finish(failed=True)
+        raise
     return TuneResult(tune_dir, done.model_dir, best, rows)

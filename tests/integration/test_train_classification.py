@@ -39,6 +39,45 @@ def test_loss_falls_and_the_run_folder_is_complete(trained_classifier):
     assert "DeepSpeed ZeRO-2" in (result.model_dir / "README.md").read_text()
 
 
+def test_the_run_is_tracked_in_mlflow_and_tensorboard(trained_classifier):
+    """The run's config, every metric of metrics.jsonl at its step and its results, read back from MLflow's
+    embedded SQLite store (with MlflowClient) and from the TensorBoard event files (with tensorboard's reader)."""
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, result = trained_classifier
+    store = Path(cfg.output.dir).resolve() / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{store}")
+    [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == result.run_dir.name
+    assert run.data.params["training.learning_rate"] == str(cfg.training.learning_rate)
+    assert run.data.params["deepspeed.stage"] == "2" and run.data.params["scaling.num_workers"] == "2"
+    assert {k: run.data.tags[k] for k in ("task", "base_model", "zero_stage")} == {
+        "task": "sequence_classification", "base_model": cfg.model.name_or_path, "zero_stage": "2"}
+    records = read_metrics(result.run_dir)  # rank 0's reports, a restarted stretch included
+    for key in ("loss", "lr", "eval_accuracy"):
+        expected = sorted((r["step"], r[key]) for r in records if key in r)
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert expected and [s for s, _ in logged] == [s for s, _ in expected], key
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected]), key
+    evaluation = json.loads((result.run_dir / "eval.json").read_text())["validation"]
+    assert run.data.metrics["final_validation_accuracy"] == pytest.approx(evaluation["accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"eval.json", "config.yaml", "plots", "model"} <= artifacts
+    assert "plots/loss.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert (store.parent / "mlartifacts").is_dir()  # the embedded store keeps artifacts beside it
+
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    expected = sorted((r["step"], r["loss"]) for r in records if "loss" in r)
+    scalars = sorted((e.step, e.value) for e in events.Scalars("loss"))
+    assert [s for s, _ in scalars] == [s for s, _ in expected]
+    assert [v for _, v in scalars] == pytest.approx([v for _, v in expected], rel=1e-6)  # stored as float32
+    assert "eval_accuracy" in events.Tags()["scalars"]
+
+
 def test_the_export_loads_and_predicts_what_evaluation_counted(trained_classifier, tiny_bert):
     cfg, result = trained_classifier
     evaluation = json.loads((result.run_dir / "eval.json").read_text())["validation"]

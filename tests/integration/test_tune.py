@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from core.config import MlflowConfig
 from tests.integration.helpers import classification_config, read_metrics
 from training.tune import tune_command
 
@@ -66,6 +67,8 @@ def test_asha_search_stops_weak_trials_fails_a_diverging_one_and_exports_the_bes
     # trial's rate makes the loss NaN at its second step: it fails, and the search goes on without it.
     cfg = search_config(tmp_path, tiny_bert, [5e-3, 1e-1, 2e-1, DIVERGING], scheduler="asha", every=8,
                         max_concurrent_trials=2)
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={
+        "mlflow": MlflowConfig(experiment="search"), "tensorboard": True})})
     result = tune_command(cfg)
     tune_dir = result.tune_dir
 
@@ -104,6 +107,24 @@ def test_asha_search_stops_weak_trials_fails_a_diverging_one_and_exports_the_bes
     assert clf("the movie was great")[0]["label"] in ("neg", "pos")
     card = (result.model_dir / "README.md").read_text()
     assert str(float(best["training.learning_rate"])) in card or best["training.learning_rate"] in card
+
+    # Tracking: one parent run for the search, one child run per trial, the best one tagged; TensorBoard files per
+    # trial, so that `tensorboard --logdir TUNE_DIR` compares them.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tune_dir.parent / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.tags["run_dir"].rsplit("trial_", 1)[1]: r for r in runs if r is not parent}
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial_id"] == best["trial_id"]
+    assert set(children) == {r["trial_id"] for r in rows} | {diverged["trial_id"]}
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children.values())
+    assert [t for t, c in children.items() if c.data.tags.get("best_trial") == "true"] == [best["trial_id"]]
+    assert children[best["trial_id"]].info.status == "FINISHED"
+    assert children[diverged["trial_id"]].info.status == "FAILED"
+    assert all(children[r["trial_id"]].info.status == "KILLED" for r in stopped)
+    assert parent.data.metrics["final_validation_loss"] == pytest.approx(evaluation["loss"])
+    assert (tune_dir / f"trial_{best['trial_id']}" / "tensorboard").is_dir()
 
     # Stopped trials' Train runs give their workers' CPUs back (no leaked placement groups), and leave no
     # PlacementGroupCleaner actor behind.
