@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "http://HOST-OF---address:serve.port)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="serve.KEY=VALUE",
                    help="a serve: key of the models app, e.g. --set serve.max_models_per_replica=16 (repeatable)")
+    p.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="track every job's run in this MLflow store (a server http://..., or sqlite:///FILE on "
+                        "storage the cluster shares): experiment rayfine-api, one run per job, tagged with the "
+                        "job's fine-tuned model")
     p.add_argument("--no-models", dest="serve_models", action="store_false",
                    help="jobs only: do not deploy the models app nor answer inference requests")
     p.set_defaults(func=cmd_api)

@@ -120,6 +120,8 @@ class RunTracker:
             tags = {"task": self.cfg.task, "base_model": self.cfg.model.name_or_path,
                     "zero_stage": str(self.cfg.deepspeed.stage), "run_dir": str(self.run_dir),
                     "mlflow.source.name": "rayfine tune" if self.search else "rayfine train"}
+            if self.cfg.output.model_id:  # the served id (the jobs API's ft:BASE:SUFFIX:JOBID)
+                tags["model_id"] = self.cfg.output.model_id
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
             if ray_submission_id():

@@ -393,7 +393,8 @@ def _new_job(settings: ApiSettings, store: Store, request: protocol.JobCreateReq
     fine_tuned_model = f"ft:{base.name}:{request.suffix or ''}:{job_id}"
     cfg = build_job_config(base.config, hp, seed=seed, train_path=train["path"],
                            validation_path=validation["path"] if validation else None,
-                           storage=str(settings.storage), job_id=job_id, model_id=fine_tuned_model)
+                           storage=str(settings.storage), job_id=job_id, model_id=fine_tuned_model,
+                           mlflow_uri=settings.mlflow_uri)
     return {"id": job_id, "model": base.name, "training_file": train["id"],
             "validation_file": validation["id"] if validation else None, "hyperparameters": hp.public(),
             "suffix": request.suffix, "seed": seed, "metadata": request.metadata, "status": "validating_files",

@@ -98,8 +98,10 @@ def _auto(value: Auto) -> bool:
 
 
 def build_job_config(base: RunConfig, hp: Hyperparameters, *, seed: int, train_path: str,
-                     validation_path: Optional[str], storage: str, job_id: str, model_id: str) -> RunConfig:
-    """The job's run config: ``base`` plus the resolved hyperparameters, the stored files and the job's output.
+                     validation_path: Optional[str], storage: str, job_id: str, model_id: str,
+                     mlflow_uri: Optional[str] = None) -> RunConfig:
+    """The job's run config: ``base`` plus the resolved hyperparameters, the stored files and the job's output;
+    with ``mlflow_uri`` (``rayfine api --mlflow-uri``) the run is tracked there, named after the job.
 
     Raises APIError (400) when the result is not a valid config (e.g. a learning rate the schema refuses), or
     when the job has no validation data (no validation_file and a base config that holds none out).
@@ -117,6 +119,9 @@ def build_job_config(base: RunConfig, hp: Hyperparameters, *, seed: int, train_p
         raw["data"]["packing"] = False  # an SFT optimization; DPO runs each output whole
     raw["tune"] = TuneConfig().model_dump(mode="json")
     raw["output"] = {"dir": storage, "name": job_id, "model_id": model_id}
+    if mlflow_uri:
+        raw.setdefault("tracking", {})["mlflow"] = {"tracking_uri": mlflow_uri, "experiment": "rayfine-api",
+                                                    "run_name": job_id}
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

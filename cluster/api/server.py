@@ -46,7 +46,7 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         db_file=Path(args.db_path).expanduser().resolve() if getattr(args, "db_path", None) else None,
         max_active_jobs_per_key=getattr(args, "max_active_jobs", 8), driver_cpus=getattr(args, "driver_cpus", 1.0),
         serve=serve, serve_url=getattr(args, "serve_url", None) or default_serve_url(args.address, serve.port),
-        serve_models=getattr(args, "serve_models", True))
+        serve_models=getattr(args, "serve_models", True), mlflow_uri=getattr(args, "mlflow_uri", None))
 
 
 def default_serve_url(address: str | None, port: int) -> str:
@@ -89,6 +89,8 @@ def _banner(settings: ApiSettings, where: str) -> str:
         cfg = m.config
         lines.append(f"    {m.name:<24} {cfg.task}, {cfg.model.name_or_path} ({m.config_path})")
     lines += [f"  data: {settings.data_dir}  (state: {settings.db_path})", f"  run folders: {settings.storage}"]
+    if settings.mlflow_uri:
+        lines.append(f"  tracking: every job's run in MLflow at {settings.mlflow_uri} (experiment rayfine-api)")
     if settings.serve_models:
         lines.append(f"  inference: /v1/chat/completions, /v1/completions, /v1/classify, /v1/ner, /v1/qa by model id, "
                      f"served by the Ray Serve app rayfine-models at {settings.serve_url}")

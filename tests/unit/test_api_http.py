@@ -339,3 +339,29 @@ def test_fine_tuned_models_are_listed_retrieved_deleted_and_kept_out_of_the_regi
         other = succeeded_job(c, tmp_path)
         assert c.delete(f"/v1/models/{other['fine_tuned_model']}?purge=true").status_code == 200
         assert not Path(other["run_dir"]).exists() and (tmp_path / "runs").is_dir()
+
+
+def test_with_an_mlflow_uri_every_job_is_tracked_under_its_id(tmp_path, monkeypatch):
+    import json as _json
+
+    from mlflow import MlflowClient
+
+    from core.config import RunConfig
+    from training.tracking import RunTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with TestClient(build_app(make_settings(tmp_path, mlflow_uri=uri))) as c:
+        file_id = upload(c, jsonl(sentiment_rows(10))).json()["id"]
+        job = c.post("/v1/fine_tuning/jobs", json={"model": "minilm", "training_file": file_id}).json()
+        row = c.app.state.store.get_job(job["id"])
+    cfg = RunConfig.model_validate(row["config"])
+    assert cfg.tracking.mlflow.tracking_uri == uri and cfg.tracking.mlflow.run_name == job["id"]
+    # What the job's driver logs: run named after the job, tagged with its model and its Ray job.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", _json.dumps({"metadata": {
+        "job_submission_id": row["ray_job_id"]}}))
+    tracker = RunTracker(cfg, tmp_path / "runs" / job["id"]).start()
+    tracker.finish({})
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("rayfine-api").experiment_id])
+    assert run.info.run_name == job["id"] and run.data.tags["model_id"] == row["fine_tuned_model"]
+    assert run.data.tags["ray_job_id"] == f"rayfine-{job['id']}" and run.info.status == "FINISHED"
