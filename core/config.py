@@ -349,8 +349,19 @@ class MlflowConfig(_Section):
     run_name: Optional[str] = Field(None, description="None = the run folder's name")
 
 
+class WandbConfig(_Section):
+    project: str = Field(..., min_length=1, description="the W&B project")
+    entity: Optional[str] = Field(None, description="the W&B team or user; None = the API key's default")
+    name: Optional[str] = Field(None, description="the run's name; None = the run folder's name")
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="offline writes RUN/wandb only (`wandb sync` uploads it later); online needs "
+        "WANDB_API_KEY where the run's driver runs")
+
+
 class TrackingConfig(_Section):
     mlflow: Optional[MlflowConfig] = Field(None, description="log to MLflow (off unless set, e.g. mlflow: {})")
+    wandb: Optional[WandbConfig] = Field(None, description="log to Weights & Biases (off unless set)")
     tensorboard: bool = Field(False, description="write TensorBoard event files to RUN/tensorboard")
 
 

@@ -116,3 +116,39 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from tests.serve_fixtures import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+def read_wandb_run(run_dir: Path) -> tuple[list[dict], dict]:
+    """The history rows (each with its ``_step``) and the last summary of the one W&B run under ``run_dir``/wandb,
+    read from its ``run-*.wandb`` file: W&B's record log (a 7-byte header, then 32 KiB blocks of records, each a
+    CRC, a length, a type (full, first, middle, last) and a piece of a protobuf ``Record``)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = list((run_dir / "wandb").glob("*run-*/run-*.wandb"))
+    data, pos, block, pending, raw_records = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room left in the block for a header: padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            raw_records.append(pending)
+    history, summary = [], {}
+    for raw in raw_records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        items = record.history.item if kind == "history" else record.summary.update if kind == "summary" else []
+        values = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
+        if kind == "history":
+            history.append(values)
+        elif kind == "summary":
+            summary.update(values)
+    return history, summary

@@ -1,4 +1,5 @@
-"""Experiment tracking: a run's config, metrics and results sent to MLflow and TensorBoard (``tracking:``).
+"""Experiment tracking: a run's config, metrics and results sent to MLflow, TensorBoard and Weights & Biases
+(``tracking:``).
 
 The driver follows metrics.jsonl (rank 0's reports, which the Train controller appends) and hands every record to
 the trackers, so only rank 0 is logged, once, whatever the number of workers. A tracker that fails (a server that
@@ -14,6 +15,11 @@ A Tune search is one parent run; each trial is a child run, and the best trial i
 
 TensorBoard (``tracking.tensorboard``): event files in RUN/tensorboard, one scalar series per metric, so that
 ``tensorboard --logdir OUTPUT_DIR`` compares runs (and a Tune folder's trials).
+
+Weights & Biases (``tracking.wandb``): one W&B run per training run, its files in RUN/wandb (``mode: offline``
+writes only those; ``wandb sync`` uploads them later), the resolved config as its config, every metric at its step,
+eval.json's metrics in its summary; a resumed run folder resumes its W&B run; a Tune search's trials are one W&B
+group (the tune folder's name).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
+import string
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -80,10 +88,12 @@ class RunTracker:
         self.mlflow = None  # the MlflowClient while it works
         self.run_id: Optional[str] = None
         self.writer = None  # the TensorBoard SummaryWriter while it works
+        self.wandb = None  # the W&B run while it works
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.tracking.mlflow is not None or self.cfg.tracking.tensorboard
+        t = self.cfg.tracking
+        return t.mlflow is not None or t.tensorboard or t.wandb is not None
 
     # ---- start ------------------------------------------------------------------------------------------------
     def start(self) -> "RunTracker":
@@ -91,6 +101,8 @@ class RunTracker:
             self._guard("MLflow", self._start_mlflow)
         if self.cfg.tracking.tensorboard and not self.search:
             self._guard("TensorBoard", self._start_tensorboard)
+        if self.cfg.tracking.wandb is not None and not self.search:
+            self._guard("W&B", self._start_wandb)
         return self
 
     def _start_mlflow(self) -> None:
@@ -131,7 +143,7 @@ class RunTracker:
             params = [Param(k, v) for k, v in flatten(self.cfg.model_dump(mode="json")).items()]
             for i in range(0, len(params), 100):
                 client.log_batch(run_id, params=params[i:i + 100])
-            self._save_state({"mlflow_run_id": run_id, "tracking_uri": uri})
+            self._save_state({**state, "mlflow_run_id": run_id, "tracking_uri": uri})
         self.mlflow, self.run_id, self.uri = client, run_id, uri
         logger.info(f"MLflow: run {run_id} in experiment {settings.experiment!r} at {uri}")
 
@@ -140,6 +152,24 @@ class RunTracker:
 
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), flush_secs=5)
 
+    def _start_wandb(self) -> None:
+        import wandb
+
+        settings = self.cfg.tracking.wandb
+        state = self._state()
+        run_id = state.get("wandb_run_id") or "".join(secrets.choice(string.ascii_lowercase + string.digits)
+                                                       for _ in range(8))
+        if "wandb_run_id" not in state:
+            self._save_state({**state, "wandb_run_id": run_id})
+        tags = [*settings.tags, self.cfg.task]
+        group = self.run_dir.parent.name if self.parent_run_id is not None or _is_trial(self.run_dir) else None
+        self.wandb = wandb.init(
+            project=settings.project, entity=settings.entity, name=settings.name or self.run_dir.name, tags=tags,
+            mode=settings.mode, dir=str(self.run_dir), id=run_id, resume="allow", group=group,
+            config=self.cfg.model_dump(mode="json"), reinit="create_new",
+            settings=wandb.Settings(init_timeout=60, silent=True))
+        logger.info(f"W&B: run {run_id} in project {settings.project!r} ({settings.mode})")
+
     # ---- metrics ----------------------------------------------------------------------------------------------
     def log(self, records: list[dict]) -> None:
         """Records of metrics.jsonl, in order (each with its ``step``)."""
@@ -147,6 +177,8 @@ class RunTracker:
             self._guard("MLflow", self._log_mlflow, records)
         if self.writer is not None:
             self._guard("TensorBoard", self._log_tensorboard, records)
+        if self.wandb is not None:
+            self._guard("W&B", self._log_wandb, records)
 
     def _log_mlflow(self, records: list[dict]) -> None:
         from mlflow.entities import Metric
@@ -155,6 +187,12 @@ class RunTracker:
                    for r in records for key, value in numeric_metrics(r).items()]
         for i in range(0, len(metrics), 1000):
             self.mlflow.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def _log_wandb(self, records: list[dict]) -> None:
+        for record in records:
+            metrics = numeric_metrics(record)
+            if metrics:
+                self.wandb.log(metrics, step=int(record.get("step", 0)))
 
     def _log_tensorboard(self, records: list[dict]) -> None:
         for record in records:
@@ -170,6 +208,9 @@ class RunTracker:
         if self.writer is not None:
             self._guard("TensorBoard", self.writer.close)
             self.writer = None
+        if self.wandb is not None:
+            self._guard("W&B", self._finish_wandb, evaluation, failed)
+            self.wandb = None
 
     def _finish_mlflow(self, evaluation: Optional[dict], failed: bool) -> None:
         from mlflow.entities import Metric
@@ -188,6 +229,12 @@ class RunTracker:
             client.log_artifacts(run_id, str(run.plots), "plots")
         client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
         self.mlflow = None
+
+    def _finish_wandb(self, evaluation: Optional[dict], failed: bool) -> None:
+        for split, values in (evaluation or {}).items():
+            for name, value in numeric_metrics(values).items():
+                self.wandb.summary[f"final_{split}_{name}"] = value
+        self.wandb.finish(exit_code=1 if failed else 0)
 
     def end_children(self, trial_dirs: list[Path]) -> None:
         """Mark the child runs that are still running (trials ASHA stopped: Tune ends their process) KILLED."""
@@ -216,6 +263,8 @@ class RunTracker:
                            f"{type(exc).__name__}: {first[:300]}")
             if name == "MLflow":
                 self.mlflow = None
+            elif name == "W&B":
+                self.wandb = None
             else:
                 self.writer = None
 
@@ -233,3 +282,6 @@ class RunTracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / STATE_FILE).write_text(json.dumps(state))
 
+
+def _is_trial(run_dir: Path) -> bool:
+    return run_dir.name.startswith("trial_")

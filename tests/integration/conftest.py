@@ -48,7 +48,7 @@ SHARED_LOG_EVERY, SHARED_CHECKPOINT_EVERY, FAIL_AT = 4, 8, 10
 @pytest.fixture(scope="session")
 def trained_classifier(tmp_path_factory, tiny_bert, ray_local):
     """The session's one full classification run (tiny BERT, 2 workers, ZeRO-2, tracked in MLflow's embedded store
-    and TensorBoard): test_train_classification checks its run folder, export, evaluation and tracking,
+    TensorBoard and W&B offline): test_train_classification checks its run folder, export, evaluation and tracking,
     test_resume_and_invariants the restart after its failure."""
     from tests.integration.helpers import classification_config
     from training.driver import train
@@ -57,7 +57,8 @@ def trained_classifier(tmp_path_factory, tiny_bert, ray_local):
         tmp_path_factory.mktemp("classifier"), tiny_bert,
         training={"log_every_steps": SHARED_LOG_EVERY, "checkpoint_every_steps": SHARED_CHECKPOINT_EVERY,
                   "inject_failure_at_step": FAIL_AT},
-        scaling={"max_failures": 1}, tracking={"mlflow": {"experiment": "tests"}, "tensorboard": True})
+        scaling={"max_failures": 1}, tracking={"mlflow": {"experiment": "tests"}, "tensorboard": True,
+                                             "wandb": {"project": "rayfine-tests", "mode": "offline"}})
     return cfg, train(cfg)
 
 

@@ -58,3 +58,17 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("rayfine").experiment_id])
     assert run.info.status == "FINISHED" and run.data.metrics["final_validation_accuracy"] == pytest.approx(1.0)
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 0.9), (2, 0.4)]
+
+
+def test_wandb_offline_keeps_the_history_in_the_run_folder(tmp_path):
+    from tests.conftest import read_wandb_run
+
+    cfg = config(tmp_path, wandb={"project": "rayfine-tests", "mode": "offline", "tags": ["unit"]})
+    run_dir = tmp_path / "runs" / "r"
+    tracker = RunTracker(cfg, run_dir).start()
+    assert tracker.wandb is not None
+    tracker.log([{"step": s, "loss": 1.0 / s, "lr": 1e-3, "time": time.time()} for s in (1, 2, 3)])
+    tracker.finish({"validation": {"accuracy": 0.75, "per_class": {"a": 1}}})
+    history, summary = read_wandb_run(run_dir)
+    assert [(h["_step"], h["loss"]) for h in history if "loss" in h] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    assert summary["final_validation_accuracy"] == 0.75
