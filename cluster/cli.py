@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="track every job's run in this MLflow store (a server http://..., or sqlite:///FILE on "
                         "storage the cluster shares): experiment rayfine-api, one run per job, tagged with the "
                         "job's fine-tuned model")
+    p.add_argument("--wandb-mode", default="online", choices=["online", "offline"],
+                   help="W&B mode of jobs created with integrations: [{type: wandb, ...}] (online needs "
+                        "WANDB_API_KEY on the cluster; offline keeps the W&B run in the job's run folder)")
     p.add_argument("--no-models", dest="serve_models", action="store_false",
                    help="jobs only: do not deploy the models app nor answer inference requests")
     p.set_defaults(func=cmd_api)

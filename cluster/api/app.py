@@ -376,9 +376,6 @@ def _job_file(store: Store, file_id: Optional[str], param: str) -> Optional[dict
 def _new_job(settings: ApiSettings, store: Store, request: protocol.JobCreateRequest) -> dict[str, Any]:
     """Check a create request and build the job's row, its run config included (nothing else is ever run)."""
     hp_in = request.chosen_hyperparameters()
-    if request.integrations:
-        raise APIError(400, "integrations are not supported by this server.", param="integrations",
-                       code="unsupported_parameter")
     base = settings.base_models.get(request.model)
     if base is None:
         hint = " (fine-tuned models cannot be fine-tuned again here)" if request.model.startswith("ft:") else ""
@@ -389,15 +386,18 @@ def _new_job(settings: ApiSettings, store: Store, request: protocol.JobCreateReq
     hp = resolve(base.config, hp_in.n_epochs, hp_in.batch_size, hp_in.learning_rate_multiplier,
                  method=request.method_type, beta=hp_in.beta)
     seed = request.seed if request.seed is not None else base.config.training.seed
+    integrations = [i.model_dump(mode="json", exclude_none=True) for i in request.integrations or []]
+    wandb = next((i["wandb"] for i in integrations if i["type"] == "wandb"), None)
     job_id = new_id("ftjob")
     fine_tuned_model = f"ft:{base.name}:{request.suffix or ''}:{job_id}"
     cfg = build_job_config(base.config, hp, seed=seed, train_path=train["path"],
                            validation_path=validation["path"] if validation else None,
                            storage=str(settings.storage), job_id=job_id, model_id=fine_tuned_model,
-                           mlflow_uri=settings.mlflow_uri)
+                           mlflow_uri=settings.mlflow_uri, wandb=wandb, wandb_mode=settings.wandb_mode)
     return {"id": job_id, "model": base.name, "training_file": train["id"],
             "validation_file": validation["id"] if validation else None, "hyperparameters": hp.public(),
             "suffix": request.suffix, "seed": seed, "metadata": request.metadata, "status": "validating_files",
+            "integrations": integrations or None,
             "method": request.method_type,
             "error": None, "fine_tuned_model": fine_tuned_model, "created_at": int(time.time()),
             "finished_at": None, "ray_job_id": f"rayfine-{job_id}", "submitted": 0, "run_dir": None,

@@ -55,7 +55,8 @@ def install_error_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "form")]
             # Union members (int | "auto") add their type name to the location; the parameter is what matters.
-            loc = [p for p in loc if not p.startswith(("literal[", "int", "float", "function-", "constrained"))]
+            loc = [p for p in loc if p not in ("int", "float", "str")
+                   and not p.startswith(("literal[", "function-", "constrained"))]
             by_param.setdefault(".".join(loc), []).append(str(err.get("msg")))
         problems = []
         for where, msgs in by_param.items():

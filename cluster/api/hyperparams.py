@@ -99,9 +99,11 @@ def _auto(value: Auto) -> bool:
 
 def build_job_config(base: RunConfig, hp: Hyperparameters, *, seed: int, train_path: str,
                      validation_path: Optional[str], storage: str, job_id: str, model_id: str,
-                     mlflow_uri: Optional[str] = None) -> RunConfig:
+                     mlflow_uri: Optional[str] = None, wandb: Optional[dict] = None,
+                     wandb_mode: str = "online") -> RunConfig:
     """The job's run config: ``base`` plus the resolved hyperparameters, the stored files and the job's output;
-    with ``mlflow_uri`` (``rayfine api --mlflow-uri``) the run is tracked there, named after the job.
+    with ``mlflow_uri`` (``rayfine api --mlflow-uri``) the run is tracked there, named after the job; with ``wandb``
+    (the job's ``integrations[].wandb``: project, name, entity, tags) in Weights & Biases (``wandb_mode``).
 
     Raises APIError (400) when the result is not a valid config (e.g. a learning rate the schema refuses), or
     when the job has no validation data (no validation_file and a base config that holds none out).
@@ -122,6 +124,10 @@ def build_job_config(base: RunConfig, hp: Hyperparameters, *, seed: int, train_p
     if mlflow_uri:
         raw.setdefault("tracking", {})["mlflow"] = {"tracking_uri": mlflow_uri, "experiment": "rayfine-api",
                                                     "run_name": job_id}
+    if wandb:
+        raw.setdefault("tracking", {})["wandb"] = {"project": wandb["project"], "entity": wandb.get("entity"),
+                                                   "name": wandb.get("name") or job_id, "mode": wandb_mode,
+                                                   "tags": list(wandb.get("tags") or [])}
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

@@ -44,6 +44,23 @@ class MethodIn(_Request):
     dpo: Optional[DpoIn] = None
 
 
+_Name = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class WandbIn(_Request):
+    """OpenAI's ``integrations[].wandb``."""
+
+    project: _Name
+    name: Optional[_Name] = None
+    entity: Optional[_Name] = None
+    tags: Optional[Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=16)]] = None
+
+
+class IntegrationIn(_Request):
+    type: Literal["wandb"]
+    wandb: WandbIn
+
+
 class JobCreateRequest(_Request):
     model: str = Field(max_length=256)
     training_file: str = Field(max_length=128)
@@ -54,7 +71,7 @@ class JobCreateRequest(_Request):
     seed: Optional[Annotated[int, Field(ge=0, le=2**31 - 1)]] = None
     metadata: Optional[Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
                                  Field(max_length=16)]] = None
-    integrations: Optional[list[Any]] = None
+    integrations: Optional[Annotated[list[IntegrationIn], Field(max_length=4)]] = None
 
     @property
     def method_type(self) -> str:
@@ -104,7 +121,7 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         # As OpenAI reports them: trained_tokens once succeeded, estimated_finish while running.
         "trained_tokens": row["trained_tokens"] if row["status"] == "succeeded" else None, "error": row["error"],
         "estimated_finish": row.get("estimated_finish") if row["status"] == "running" else None,
-        "integrations": [], "metadata": row["metadata"], "user_provided_suffix": row["suffix"],
+        "integrations": row.get("integrations") or [], "metadata": row["metadata"], "user_provided_suffix": row["suffix"],
         "method": {"type": row.get("method") or "supervised",
                    row.get("method") or "supervised": {"hyperparameters": hp}},
     }

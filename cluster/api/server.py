@@ -46,7 +46,8 @@ def settings_from_args(args: argparse.Namespace) -> ApiSettings:
         db_file=Path(args.db_path).expanduser().resolve() if getattr(args, "db_path", None) else None,
         max_active_jobs_per_key=getattr(args, "max_active_jobs", 8), driver_cpus=getattr(args, "driver_cpus", 1.0),
         serve=serve, serve_url=getattr(args, "serve_url", None) or default_serve_url(args.address, serve.port),
-        serve_models=getattr(args, "serve_models", True), mlflow_uri=getattr(args, "mlflow_uri", None))
+        serve_models=getattr(args, "serve_models", True), mlflow_uri=getattr(args, "mlflow_uri", None),
+        wandb_mode=getattr(args, "wandb_mode", "online"))
 
 
 def default_serve_url(address: str | None, port: int) -> str:

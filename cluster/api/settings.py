@@ -47,6 +47,7 @@ class ApiSettings:
     max_active_jobs_per_key: int = 8  # 0: no cap
     driver_cpus: float = 1.0  # CPUs each job's driver reserves on the cluster (0: none)
     mlflow_uri: Optional[str] = None  # every job's run tracked in this MLflow store (experiment rayfine-api)
+    wandb_mode: str = "online"  # the mode of the W&B runs of jobs created with a wandb integration
     serve: ServeConfig = field(default_factory=ServeConfig)  # the models app's serve: section (--set serve.*)
     serve_url: str = "http://127.0.0.1:8000"  # the cluster's Serve HTTP ingress
     serve_models: bool = True  # deploy the models app and answer inference (off in tests of the jobs API alone)

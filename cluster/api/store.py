@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at INTEGER NOT NULL, finished_at INTEGER, ray_job_id TEXT NOT NULL, submitted INTEGER NOT NULL DEFAULT 0,
     run_dir TEXT, metrics_offset INTEGER NOT NULL DEFAULT 0, total_steps INTEGER, trained_tokens INTEGER,
     config TEXT NOT NULL, estimated_finish INTEGER, method TEXT, owner TEXT, stop_pending INTEGER NOT NULL DEFAULT 0,
-    model_deleted INTEGER NOT NULL DEFAULT 0);
+    model_deleted INTEGER NOT NULL DEFAULT 0, integrations TEXT);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
     created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
@@ -53,8 +53,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 # Columns added after the first release: (table, column, type), added to an older database when it is opened.
 _ADDED_COLUMNS = (("jobs", "estimated_finish", "INTEGER"), ("jobs", "method", "TEXT"), ("jobs", "owner", "TEXT"),
                   ("jobs", "stop_pending", "INTEGER NOT NULL DEFAULT 0"),
-                  ("jobs", "model_deleted", "INTEGER NOT NULL DEFAULT 0"))
-_JSON_COLUMNS = {"hyperparameters", "metadata", "error", "data", "metrics", "config"}
+                  ("jobs", "model_deleted", "INTEGER NOT NULL DEFAULT 0"), ("jobs", "integrations", "TEXT"))
+_JSON_COLUMNS = {"hyperparameters", "metadata", "error", "data", "metrics", "config", "integrations"}
 
 
 def new_id(prefix: str) -> str:

@@ -52,7 +52,7 @@ class ApiServer:
         self.cmd = [str(Path(sys.executable).parent / "rayfine"), "api", f"{BASE}={base_config}", f"{LM}={lm_config}",
                     "--address", ray_head.address, "--data-dir", str(data_dir),
                     "--storage", str(ray_head.storage / "api-runs"), "--port", str(self.port),
-                    "--driver-cpus", "0.5", "--serve-url", f"http://127.0.0.1:{serve_port}",
+                    "--driver-cpus", "0.5", "--serve-url", f"http://127.0.0.1:{serve_port}", "--wandb-mode", "offline",
                     "--set", f"serve.port={serve_port}", "--set", "serve.cpus_per_replica=0.5",
                     "--set", "serve.threads_per_replica=1", "--set", "serve.max_new_tokens=16"]
         self.env = dict(ray_head.env) | {"RAYFINE_API_KEYS": API_KEY}
@@ -203,7 +203,9 @@ def test_a_job_runs_to_succeeded_across_a_server_restart(api, sdk, jobs_client, 
     job = sdk.fine_tuning.jobs.create(
         model=BASE, training_file=train.id, validation_file=val.id, suffix="e2e", seed=11,
         method={"type": "supervised", "supervised": {"hyperparameters": {
-            "n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 1.0}}})
+            "n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 1.0}}},
+        integrations=[{"type": "wandb", "wandb": {"project": "e2e", "tags": ["api"]}}])
+    assert job.integrations[0].wandb.project == "e2e"
     running = wait_for(sdk, job.id, {"running"}, timeout=90)
     assert running.trained_tokens is None  # as OpenAI: known once the job has succeeded
 
@@ -247,6 +249,13 @@ def test_a_job_runs_to_succeeded_across_a_server_restart(api, sdk, jobs_client, 
         assert ckpt.metrics.step == ckpt.step_number
     assert max(c.step_number for c in checkpoints) == 12  # 48 records / 8 per step x 2 epochs
     assert checkpoints[0].metrics.full_valid_loss is not None
+
+    # The wandb integration was applied to the run (rayfine api --wandb-mode offline: W&B files in the run folder).
+    from tests.conftest import read_wandb_run
+
+    history, _ = read_wandb_run(run_dir)
+    assert [h["_step"] for h in history if "loss" in h][-1] == 12
+    assert done.integrations[0].wandb.project == "e2e"
 
     log = api.log.read_text()
     assert f"{job.id}: queued -> running" in log and f"{job.id}: running -> succeeded" in log

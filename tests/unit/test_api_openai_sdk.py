@@ -127,3 +127,27 @@ def test_a_dpo_job_through_the_sdk_reports_its_method(tmp_path):
             sdk.fine_tuning.jobs.create(model="lm", training_file=pairs.id, method={
                 "type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 1}}})
         assert "method.type is 'dpo' but method.supervised is given" in err.value.message
+
+
+def test_a_job_with_a_wandb_integration_through_the_sdk(sdk, tmp_path):
+    train = sdk.files.create(file=jsonl_file(sentiment_rows(12)), purpose="fine-tune")
+    wandb = {"project": "reviews", "name": "try-1", "entity": "team", "tags": ["nightly"]}
+    job = sdk.fine_tuning.jobs.create(model="minilm", training_file=train.id,
+                                      integrations=[{"type": "wandb", "wandb": wandb}])
+    for shown in (job, sdk.fine_tuning.jobs.retrieve(job.id)):
+        [integration] = shown.integrations
+        assert integration.type == "wandb" and integration.wandb.project == "reviews"
+        assert integration.wandb.name == "try-1" and integration.wandb.tags == ["nightly"]
+    # Applied to the run: the job's config tracks it in W&B under that project.
+    from core.config import RunConfig
+    from cluster.api.store import Store
+
+    row = Store(tmp_path / "data" / "api.sqlite3").get_job(job.id)
+    tracking = RunConfig.model_validate(row["config"]).tracking.wandb
+    assert (tracking.project, tracking.name, tracking.entity, tracking.tags, tracking.mode) == (
+        "reviews", "try-1", "team", ["nightly"], "online")
+    for bad, param in (([{"type": "slack", "wandb": wandb}], "integrations.0.type"),
+                       ([{"type": "wandb", "wandb": {"name": "x"}}], "integrations.0.wandb.project")):
+        with pytest.raises(openai.BadRequestError) as err:
+            sdk.fine_tuning.jobs.create(model="minilm", training_file=train.id, integrations=bad)
+        assert err.value.param == param, err.value.message
