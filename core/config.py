@@ -347,6 +347,9 @@ class MlflowConfig(_Section):
         "which `mlflow ui --backend-store-uri sqlite:///OUTPUT_DIR/mlflow.db` shows with no server")
     experiment: str = Field("rayfine", min_length=1, description="the MLflow experiment (created if missing)")
     run_name: Optional[str] = Field(None, description="None = the run folder's name")
+    register_model: Union[bool, str] = Field(
+        False, description="register the exported model in MLflow's model registry (transformers flavour): true "
+        "names it after the run folder, a string names it")
 
 
 class WandbConfig(_Section):

@@ -38,6 +38,8 @@ from core.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
+PIPELINE_TASKS = {"sequence_classification": "text-classification", "token_classification": "token-classification",
+                  "question_answering": "question-answering", "causal_lm": "text-generation"}
 STATE_FILE = "tracking.json"  # in the run folder: the MLflow run id, so that a resumed run continues it
 # A tracking server that does not answer costs a run seconds, not minutes: MLflow's own defaults retry for long.
 _MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
@@ -227,8 +229,31 @@ class RunTracker:
                 client.log_artifact(run_id, str(path), folder)
         if run.plots.is_dir() and any(run.plots.iterdir()):
             client.log_artifacts(run_id, str(run.plots), "plots")
+        register = self.cfg.tracking.mlflow.register_model
+        if register and not failed and not self.search and (run.model / "config.json").is_file():
+            self._guard("MLflow model registry", self._register_model,
+                        register if isinstance(register, str) else self.run_dir.name)
         client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
         self.mlflow = None
+
+    def _register_model(self, name: str) -> None:
+        """The exported model as a transformers pipeline, logged to this run and registered as ``name``."""
+        import mlflow
+        import mlflow.transformers
+        import torch
+        import transformers
+
+        model_dir = RunFolder(self.run_dir).model
+        pipe = transformers.pipeline(PIPELINE_TASKS[self.cfg.task], model=str(model_dir), tokenizer=str(model_dir),
+                                     device="cpu")
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.transformers.log_model(
+                transformers_model=pipe, name="model", registered_model_name=name,
+                # given, not inferred: inference imports every package transformers might use (torchvision, ...)
+                pip_requirements=[f"transformers=={transformers.__version__}",
+                                  f"torch=={torch.__version__.split('+')[0]}"])
+        logger.info(f"MLflow: registered {name!r} version {info.registered_model_version}")
 
     def _finish_wandb(self, evaluation: Optional[dict], failed: bool) -> None:
         for split, values in (evaluation or {}).items():
@@ -263,6 +288,8 @@ class RunTracker:
                            f"{type(exc).__name__}: {first[:300]}")
             if name == "MLflow":
                 self.mlflow = None
+            elif name == "MLflow model registry":
+                pass  # the run itself is still logged
             elif name == "W&B":
                 self.wandb = None
             else:

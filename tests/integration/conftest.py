@@ -57,7 +57,8 @@ def trained_classifier(tmp_path_factory, tiny_bert, ray_local):
         tmp_path_factory.mktemp("classifier"), tiny_bert,
         training={"log_every_steps": SHARED_LOG_EVERY, "checkpoint_every_steps": SHARED_CHECKPOINT_EVERY,
                   "inject_failure_at_step": FAIL_AT},
-        scaling={"max_failures": 1}, tracking={"mlflow": {"experiment": "tests"}, "tensorboard": True,
+        scaling={"max_failures": 1}, tracking={"mlflow": {"experiment": "tests", "register_model": "tiny-sentiment"},
+                                             "tensorboard": True,
                                              "wandb": {"project": "rayfine-tests", "mode": "offline"}})
     return cfg, train(cfg)
 

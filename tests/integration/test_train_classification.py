@@ -68,6 +68,16 @@ def test_the_run_is_tracked_in_mlflow_and_tensorboard(trained_classifier):
     assert {"eval.json", "config.yaml", "plots", "model"} <= artifacts
     assert "plots/loss.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert (store.parent / "mlartifacts").is_dir()  # the embedded store keeps artifacts beside it
+    # The registered model (transformers flavour) loads as a pipeline that predicts what evaluation counted.
+    import mlflow.transformers
+
+    [version] = client.search_model_versions("name = 'tiny-sentiment'")
+    assert version.run_id == run.info.run_id
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    registered = mlflow.transformers.load_model(f"models:/tiny-sentiment/{version.version}")
+    val_rows = [json.loads(x) for x in open(cfg.data.validation)]
+    predicted = [p["label"] for p in registered([r["text"] for r in val_rows])]
+    assert np.mean([p == r["label"] for p, r in zip(predicted, val_rows)]) == pytest.approx(evaluation["accuracy"])
 
     events = EventAccumulator(str(result.run_dir / "tensorboard"))
     events.Reload()
