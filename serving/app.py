@@ -150,7 +150,12 @@ class ModelServer:
                                param="model", code="model_not_found")
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        served = await loop.run_in_executor(self._loader, lambda: self.pool.load(self.catalog.spec(entry)))
+        try:
+            served = await loop.run_in_executor(self._loader, lambda: self.pool.load(self.catalog.spec(entry)))
+        except Exception:  # a folder that does not load (corrupt weights, an adapter whose base is gone)
+            logger.exception("loading %s from %s failed", model_id, entry.path)
+            raise ServingError(503, f"The model '{model_id}' could not be loaded; see the replica log.",
+                               param="model", code="model_unavailable") from None
         seconds = time.perf_counter() - start
         self.telemetry.record_load(model_id, seconds, len(self.pool.loaded), self.pool.evictions)
         logger.info("loaded %s (%s%s) in %.2fs; %d model(s) on this replica", model_id, served.spec.task,

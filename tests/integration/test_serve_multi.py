@@ -166,3 +166,22 @@ def test_per_model_metrics_loads_and_evictions_are_exported(app, client):
         missing = {name for name, pattern in wanted.items() if not pattern.search(text)}
         time.sleep(1)
     assert not missing, f"metrics not exported: {missing}"
+
+
+def test_a_model_that_does_not_load_is_503_and_the_others_answer(app, client, folders, tmp_path):
+    import shutil
+
+    from serving.catalog import write_registry
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["lora-c"], broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    write_registry(folders["registry"], {"broken": {"path": str(broken)}}, {})
+    try:
+        deadline = time.time() + 10
+        while (answer := complete(client, app, "broken", "hi")).status_code == 404 and time.time() < deadline:
+            time.sleep(0.2)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "model_unavailable"
+        assert complete(client, app, "lora-b", "hi").status_code == 200
+    finally:
+        write_registry(folders["registry"], {}, {})
