@@ -163,18 +163,11 @@ class JobsClient:
             run_dir = f"{storage.rstrip('/')}/{raw['output']['name']}"
             meta = {"rayfine_command": command, "rayfine_run_dir": run_dir, "rayfine_task": cfg.task,
                     **(metadata or {})}
-            try:
-                job_id = self.client.submit_job(
-                    entrypoint=entrypoint, submission_id=submission_id, metadata=meta,
-                    entrypoint_num_cpus=entrypoint_num_cpus or None,
-                    runtime_env={"py_modules": [str(package)],
-                                 "env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}})
-            except Exception as exc:
-                if _unreachable(exc):
-                    raise ClusterUnreachable(f"the Ray Jobs API at {self.address} did not answer: "
-                                             f"{_first_line(exc)}") from None
-                raise UserError(f"the Ray Jobs API at {self.address} refused the job: {_first_line(exc)}"
-                                f"{_auth_hint(exc)}") from None
+            job_id = self._submit_job(
+                entrypoint=entrypoint, submission_id=submission_id, metadata=meta,
+                entrypoint_num_cpus=entrypoint_num_cpus or None,
+                runtime_env={"py_modules": [str(package)],
+                             "env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}})
         return SubmittedJob(job_id=job_id, run_dir=run_dir)
 
     def submit_rayfine(self, args: list[str], *, submission_id: str | None = None,
@@ -184,14 +177,15 @@ class JobsClient:
         need no package (``rayfine serve REGISTRY --detach``); ``env_vars`` travel in the job's runtime_env."""
         import shlex
 
-        command = " ".join(shlex.quote(a) for a in args)
-        entrypoint = (f"if command -v rayfine >/dev/null 2>&1; then exec rayfine {command}; fi; "
-                      f"echo 'error: {NOT_ON_PATH_HELP} (PATH='\"$PATH\"')' >&2; exit {NOT_ON_PATH}")
+        return self._submit_job(
+            entrypoint=rayfine_entrypoint(" ".join(shlex.quote(a) for a in args)), submission_id=submission_id,
+            metadata=metadata, entrypoint_num_cpus=entrypoint_num_cpus or None,
+            runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **(env_vars or {})}})
+
+    def _submit_job(self, **job) -> str:
+        """``JobSubmissionClient.submit_job``, its failures as ClusterUnreachable or UserError."""
         try:
-            return self.client.submit_job(
-                entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
-                entrypoint_num_cpus=entrypoint_num_cpus or None,
-                runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **(env_vars or {})}})
+            return self.client.submit_job(**job)
         except Exception as exc:
             if _unreachable(exc):
                 raise ClusterUnreachable(f"the Ray Jobs API at {self.address} did not answer: "
@@ -267,7 +261,11 @@ NOT_ON_PATH_HELP = (
 def job_entrypoint(command: str, module: str) -> str:
     """The job's shell command: ``rayfine COMMAND package:MODULE/config.yaml``, or a clear error when the cluster's
     PATH has no rayfine (Ray's own message would be a bare "exit code 127")."""
-    args = f"{command} package:{module}/config.yaml" + (" --detach" if command == "run" else "")
+    return rayfine_entrypoint(f"{command} package:{module}/config.yaml" + (" --detach" if command == "run" else ""))
+
+
+def rayfine_entrypoint(args: str) -> str:
+    """``rayfine ARGS`` (already shell-safe) when the cluster's PATH has rayfine, else a clear error and exit 127."""
     return (f"if command -v rayfine >/dev/null 2>&1; then exec rayfine {args}; fi; "
             f"echo 'error: {NOT_ON_PATH_HELP} (PATH='\"$PATH\"')' >&2; exit {NOT_ON_PATH}")
 

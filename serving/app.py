@@ -119,15 +119,14 @@ class ModelServer:
         return served
 
     async def _served(self, requested: Optional[str], path: str):
-        from serving.errors import ServingError
+        from serving.errors import ServingError, unknown_model
 
         if not requested:
             raise ServingError(400, "This server serves several models; name one in the body's 'model' "
                                     "(GET /v1/models lists them).", param="model", code="missing_model")
         entry = self.catalog.get(requested)
         if entry is None:
-            raise ServingError(404, f"The model '{requested}' does not exist or you do not have access to it.",
-                               param="model", code="model_not_found")
+            raise unknown_model(requested)
         try:
             spec = self.catalog.spec(entry)
         except UserError as exc:
@@ -142,12 +141,11 @@ class ModelServer:
 
     async def _load_model(self, model_id: str):
         """Serve's multiplexing calls this on a cache miss (one load at a time per replica)."""
-        from serving.errors import ServingError
+        from serving.errors import ServingError, unknown_model
 
         entry = self.catalog.get(model_id)
         if entry is None:
-            raise ServingError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
-                               param="model", code="model_not_found")
+            raise unknown_model(model_id)
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:

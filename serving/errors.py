@@ -44,6 +44,12 @@ def model_not_found(requested: str, served: str) -> ServingError:
                         param="model", code="model_not_found")
 
 
+def unknown_model(requested: str) -> ServingError:
+    """A model a multi-model app does not serve (OpenAI's wording: it does not say whether the model exists)."""
+    return ServingError(404, f"The model '{requested}' does not exist or you do not have access to it.",
+                        param="model", code="model_not_found")
+
+
 def check_model(requested: Optional[str], served: str) -> None:
     """A request's ``model`` must name the served model (leaving it out is fine: one model per app)."""
     if requested is not None and requested != served:

@@ -25,6 +25,7 @@ from serving.errors import (
     check_input_count,
     check_model,
     request_too_large,
+    unknown_model,
 )
 from serving.model_folder import ENDPOINT_TASKS
 from serving.protocol import ModelCard, ModelList, QARequest, TextInputRequest
@@ -92,8 +93,7 @@ def _add_common_routes(app: FastAPI, server) -> None:
             check_model(model_id, server.spec.model_id)
         card = cards().get(model_id)
         if card is None:
-            raise ServingError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
-                               param="model", code="model_not_found")
+            raise unknown_model(model_id)
         return card.model_dump()
 
     @app.get("/v1/replica")

@@ -121,3 +121,21 @@ def build_minilm_classifier(out: Path) -> Path:
         minilm_path(), num_labels=2, id2label=dict(enumerate(CLS_LABELS)),
         label2id={l: i for i, l in enumerate(CLS_LABELS)})
     return _save(model, tok, out, "sequence_classification", CLS_LABELS)
+
+
+def metrics_not_exported(wanted: dict, timeout_s: float = 60.0) -> set[str]:
+    """The names of ``wanted`` (name -> compiled pattern) whose pattern the session's Ray metrics endpoint still
+    does not match after ``timeout_s`` (Ray exports application metrics every few seconds)."""
+    import time
+
+    import httpx
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    deadline, missing = time.monotonic() + timeout_s, set(wanted)
+    while missing and time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = {name for name, pattern in wanted.items() if not pattern.search(text)}
+        if missing:
+            time.sleep(1)
+    return missing

@@ -19,7 +19,14 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from cluster.api import protocol
-from cluster.api.errors import APIError, file_too_large, install_error_handlers, not_found, too_large
+from cluster.api.errors import (
+    APIError,
+    file_too_large,
+    install_error_handlers,
+    model_not_found,
+    not_found,
+    too_large,
+)
 from cluster.api.hyperparams import build_job_config, resolve
 from cluster.api.models import INFERENCE_PATHS, ModelServing
 from cluster.api.runner import JobRunner, default_client_factory
@@ -185,8 +192,7 @@ def _served_job(store: Store, model_id: str) -> dict[str, Any]:
     """The job of a fine-tuned model that answers (its job succeeded, the model is not deleted); else 404."""
     job = store.job_of_model(model_id)
     if job is None or job["status"] != "succeeded" or job["model_deleted"]:
-        raise APIError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
-                       param="model", code="model_not_found")
+        raise model_not_found(model_id)
     return job
 
 

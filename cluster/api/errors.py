@@ -32,6 +32,12 @@ def not_found(kind: str, object_id: str, param: Optional[str] = None) -> APIErro
     return APIError(404, f"No such {kind}: '{object_id}'.", param=param, code="not_found")
 
 
+def model_not_found(model_id: str) -> APIError:
+    """An inference model that does not answer here: unknown, deleted, or its job has not succeeded."""
+    return APIError(404, f"The model '{model_id}' does not exist or you do not have access to it.", param="model",
+                    code="model_not_found")
+
+
 def file_too_large(limit_bytes: int) -> APIError:
     size = f"{limit_bytes / 2**20:g} MB" if limit_bytes >= 2**20 else f"{limit_bytes:,} bytes"
     return APIError(413, f"The file is larger than this server's upload limit of {size} (rayfine api "

@@ -26,10 +26,10 @@ from typing import Any, Optional
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cluster.api.errors import APIError
+from cluster.api.errors import APIError, model_not_found
 from cluster.api.settings import ApiSettings
 from cluster.api.store import Store
-from core.openai_errors import DIGESTS_SUFFIX, key_digest
+from core.openai_errors import DIGESTS_SUFFIX, error_body, key_digest
 
 logger = logging.getLogger("cluster.api")
 
@@ -152,13 +152,10 @@ class ModelServing:
         body = await _read_capped(request, self.serve_cfg.max_request_bytes)
         model = _model_of(body)
         if not self.known(model):
-            raise APIError(404, f"The model '{model}' does not exist or you do not have access to it.",
-                           param="model", code="model_not_found")
+            raise model_not_found(model)
         if self.state != "ready":
             detail = f": {self.problem}" if self.problem else "; try again in a few seconds"
-            return JSONResponse({"error": {"message": f"The model server is {self.state}{detail}", "type":
-                                           "server_error", "param": None, "code": "model_server_unavailable"}},
-                                status_code=503, headers={"Retry-After": "5"})
+            return _unavailable(f"The model server is {self.state}{detail}")
         headers = {"content-type": "application/json", "serve_multiplexed_model_id": model}
         for name in ("authorization", "x-request-id"):
             if name in request.headers:
@@ -169,10 +166,7 @@ class ModelServing:
             upstream = await self._http.send(self._http.build_request("POST", f"{self.url}{path}", content=body,
                                                                       headers=headers), stream=True)
         except httpx.HTTPError as exc:
-            return JSONResponse({"error": {"message": f"The model server did not answer ({type(exc).__name__}); "
-                                           "try again shortly.", "type": "server_error", "param": None,
-                                           "code": "model_server_unavailable"}}, status_code=503,
-                                headers={"Retry-After": "5"})
+            return _unavailable(f"The model server did not answer ({type(exc).__name__}); try again shortly.")
         passed = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED}
 
         async def chunks():
@@ -199,6 +193,11 @@ class ModelServing:
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
+
+
+def _unavailable(message: str) -> JSONResponse:
+    return JSONResponse(error_body(message, "server_error", None, "model_server_unavailable"), status_code=503,
+                        headers={"Retry-After": "5"})
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.serve_fixtures import CLS_LABELS, SERVE_PROXY, free_port
+from tests.serve_fixtures import CLS_LABELS, SERVE_PROXY, free_port, metrics_not_exported
 
 pytestmark = pytest.mark.integration
 
@@ -412,14 +412,10 @@ def test_access_log_has_one_json_line_per_request(urls, client):
 
 def test_prometheus_metrics_are_exported(urls, client):
     import re
-    import time
-
-    import ray
 
     for _ in range(3):
         client.post(f"{urls['cls']}/v1/classify", json={"input": "count me"})
     client.post(f"{urls['cls']}/v1/classify", json={"input": ""})
-    port = ray._private.worker._global_node.metrics_export_port
     wanted = {
         "requests": re.compile(r'^ray_rayfine_serve_requests_total\{[^}]*endpoint="/v1/classify"[^}]*model="tiny-cls"'
                                r'[^}]*status="200"', re.M),
@@ -428,11 +424,7 @@ def test_prometheus_metrics_are_exported(urls, client):
         "batch": re.compile(r'^ray_rayfine_serve_batch_size_count\{[^}]*endpoint="/v1/classify"', re.M),
         "in_flight": re.compile(r'^ray_rayfine_serve_requests_in_flight\{', re.M),
     }
-    deadline, missing = time.monotonic() + 60, set(wanted)
-    while missing and time.monotonic() < deadline:  # Ray exports application metrics every few seconds
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        missing = {name for name, pattern in wanted.items() if not pattern.search(text)}
-        time.sleep(1)
+    missing = metrics_not_exported(wanted)
     assert not missing, f"metrics not exported: {missing}"
 
 

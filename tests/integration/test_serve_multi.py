@@ -16,7 +16,7 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.serve_fixtures import SERVE_PROXY, build_lora_adapter, free_port
+from tests.serve_fixtures import SERVE_PROXY, build_lora_adapter, free_port, metrics_not_exported
 
 pytestmark = pytest.mark.integration
 
@@ -147,10 +147,7 @@ def test_models_come_and_go_with_the_registry(app, client, folders):
 def test_per_model_metrics_loads_and_evictions_are_exported(app, client):
     import re
 
-    import ray
-
     assert complete(client, app, "lora-b", "count me").status_code == 200
-    port = ray._private.worker._global_node.metrics_export_port
     wanted = {
         "per-model requests": re.compile(r'^ray_rayfine_serve_requests_total\{[^}]*endpoint="/v1/completions"'
                                          r'[^}]*model="lora-b"[^}]*status="200"', re.M),
@@ -160,11 +157,7 @@ def test_per_model_metrics_loads_and_evictions_are_exported(app, client):
         "evictions": re.compile(r'^ray_rayfine_serve_model_evictions_total\{[^}]*\} [1-9]', re.M),
         "load time": re.compile(r'^ray_rayfine_serve_model_load_seconds_count\{[^}]*model="lora-a"', re.M),
     }
-    deadline, missing = time.monotonic() + 60, set(wanted)
-    while missing and time.monotonic() < deadline:  # Ray exports application metrics every few seconds
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        missing = {name for name, pattern in wanted.items() if not pattern.search(text)}
-        time.sleep(1)
+    missing = metrics_not_exported(wanted)
     assert not missing, f"metrics not exported: {missing}"
 
 
