@@ -169,6 +169,7 @@ def stop_local_ray(raylet_pids: Optional[list[int]] = None, *, ray_alive: bool =
             proc.kill()
         except psutil.Error:
             pass
+    psutil.wait_procs(alive, timeout=KILL_GRACE_S)  # gone before we return: a supervisor then finds none left
     if left:
         logger.info("stopped %d process(es) the local Ray instance left", len(left))
     return clean

@@ -32,7 +32,7 @@ IMPORT_PATH = "serving.app:build_app"
 # wedged replica; the app answers 408 at request_timeout_s.
 PROXY_TIMEOUT_GRACE_S = 2.0
 
-_deployed: list[str] = []  # apps this process deployed, for shutdown()
+_deployed: dict[str, str] = {}  # apps this process deployed -> their base URLs (for shutdown, readiness)
 
 
 def endpoints_for(task: Optional[str]) -> list[str]:
@@ -71,10 +71,15 @@ def deploy(model_dir: Optional[Path], serve_cfg: ServeConfig, *, name: str = APP
         serve.delete(name)
         raise UserError(f"{what}: the model server failed to start: {reason}\n"
                         "(the replica's full traceback is in Ray's logs)") from None
-    if name not in _deployed:
-        _deployed.append(name)
     url = f"http://{_public_host(serve_cfg.host, address)}:{port}{serve_cfg.route_prefix.rstrip('/')}"
-    wait_until_healthy(url, timeout_s)
+    _deployed[name] = url
+    # HAProxy rebuilds every route when one app changes, and another app's route can 404 for a moment while
+    # it does: the deploy is done when every app this process deployed answers again.
+    # Skipped: apps removed since (serve.delete, a shutdown) and apps that are not RUNNING (they have their own
+    # trouble; waiting for them here would fail this deploy).
+    running = {app for app, state in serve.status().applications.items() if state.status == "RUNNING"}
+    wait_until_healthy([url, *(other for app, other in _deployed.items() if app != name and app in running)],
+                       timeout_s)
     return url
 
 
@@ -90,23 +95,25 @@ def start_serve(cfg: ServeConfig) -> int:
         return cfg.port
 
 
-def wait_until_healthy(url: str, timeout_s: float, in_a_row: int = 3) -> None:
-    """Wait until ``url``/healthz answers 200 ``in_a_row`` times, 0.25 s apart: HAProxy reloads its routes when
-    an app is deployed, and a route can answer once, then 404 while the reload settles."""
+def wait_until_healthy(urls: str | list[str], timeout_s: float, in_a_row: int = 3) -> None:
+    """Wait until every ``url``/healthz answers 200 ``in_a_row`` rounds in a row, 0.25 s apart: HAProxy reloads
+    its routes when an app is deployed, and a route can answer once, then 404 while the reload settles."""
     import httpx
 
+    urls = [urls] if isinstance(urls, str) else urls
     deadline, last, ok = time.monotonic() + timeout_s, "no answer", 0
     while time.monotonic() < deadline:
         try:
-            response = httpx.get(f"{url}/healthz", timeout=5.0)
-            ok = ok + 1 if response.status_code == 200 else 0
+            codes = {url: httpx.get(f"{url}/healthz", timeout=5.0).status_code for url in urls}
+            failing = [f"{url}/healthz: HTTP {code}" for url, code in codes.items() if code != 200]
+            ok = 0 if failing else ok + 1
             if ok >= in_a_row:
                 return
-            last = f"HTTP {response.status_code}"
+            last = failing[0] if failing else last
         except httpx.HTTPError as exc:
             ok, last = 0, type(exc).__name__
         time.sleep(0.25)
-    raise UserError(f"{url}/healthz did not answer within {timeout_s:.0f}s (last: {last})")
+    raise UserError(f"{', '.join(urls)}: /healthz did not answer within {timeout_s:.0f}s (last: {last})")
 
 
 def shutdown(name: Optional[str] = None) -> None:
@@ -116,8 +123,7 @@ def shutdown(name: Optional[str] = None) -> None:
     names = [name] if name else list(_deployed)
     for app in names:
         serve.delete(app)
-        if app in _deployed:
-            _deployed.remove(app)
+        _deployed.pop(app, None)
     if names and not serve.status().applications:
         serve.shutdown()
 

@@ -169,20 +169,22 @@ def ray_head():
             except ProcessLookupError:
                 pass
             proc.wait(timeout=30)
-        _kill_matching(str(root))
+        _kill_matching(str(root), f"RAY_AUTH_TOKEN={token}".encode())
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _kill_matching(text: str) -> None:
-    """Processes of the cluster that left its process group (their command lines name its temp dir)."""
+def _kill_matching(text: str, env_entry: bytes) -> None:
+    """Processes of the cluster that left its process group: their command lines name its temp dir, or (Serve's
+    HAProxy, whose files are elsewhere) their environment holds its token."""
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if text in cmdline and int(pid) != os.getpid():
+        if (text in cmdline or env_entry in environ) and int(pid) != os.getpid():
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
