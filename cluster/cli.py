@@ -145,7 +145,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from training.preflight import run_preflight
 
     cfg = load_config(args.config, args.overrides)
-    where = start_ray(args.address, num_workers=cfg.scaling.num_workers, serve_proxy=cfg.serve.proxy)
+    where = start_ray(args.address, num_workers=cfg.scaling.workers(), serve_proxy=cfg.serve.proxy)
     print(f"Validating {cfg.output.name} on {where} ...", flush=True)
     run_preflight(cfg)
     return 0
@@ -155,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.driver import train
 
     cfg = load_config(args.config, args.overrides)
-    where = start_ray(args.address, num_workers=cfg.scaling.num_workers, serve_proxy=cfg.serve.proxy)
+    where = start_ray(args.address, num_workers=cfg.scaling.workers(), serve_proxy=cfg.serve.proxy)
     print(f"rayfine train: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
     train(cfg)
     return 0

@@ -76,7 +76,7 @@ def run_all(cfg: RunConfig, address: str | None, detach: bool) -> int:
         build_param_space(cfg.tune.search_space)  # an empty search space is an error before Ray starts
         where = start_ray(address, num_workers=local_workers(cfg), serve_proxy=cfg.serve.proxy)
     else:
-        where = start_ray(address, num_workers=cfg.scaling.num_workers, serve_proxy=cfg.serve.proxy)
+        where = start_ray(address, num_workers=cfg.scaling.workers(), serve_proxy=cfg.serve.proxy)
     print(f"rayfine run: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
     print("== 1/4 validate + train ==", flush=True)
     if cfg.tune.enabled:

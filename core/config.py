@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
 
@@ -134,11 +134,25 @@ class DeepSpeedConfig(_Section):
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: Union[Literal["auto"], int] = Field(
+        "auto", description="train workers; auto: one per GPU when the run uses GPUs, else one per node using "
+        "every core of it (on a CPU, threads in one process train faster than processes exchanging gradients)")
     use_gpu: Union[Literal["auto"], bool] = "auto"
     resources_per_worker: Optional[dict[str, float]] = None
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
     threads_per_worker: Optional[int] = Field(None, ge=1, description="torch threads; None = cores / workers")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("give auto or a whole number of workers, 1 or more")
+
+    def workers(self, auto: int = 1) -> int:
+        """The worker count, ``auto`` standing for num_workers: auto (sizing a local instance before Ray starts,
+        where ``training.scaling.resolve_workers`` gives the real count once Ray runs)."""
+        return auto if self.num_workers == "auto" else self.num_workers
 
 
 class TuneConfig(_Section):
@@ -415,13 +429,14 @@ def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"{loc}: unknown key; valid keys here are {valid}"
     if kind == "missing":
         return f"{loc}: required; add it to the config"
-    if kind == "value_error":  # a rule across keys: its message names them
-        message = err["msg"].removeprefix("Value error, ")
+    message = err["msg"]
+    if kind == "value_error":  # ours: a rule across keys names them; a field's check says what to give
+        message = message.removeprefix("Value error, ")
         if not loc or message.startswith(f"{loc}."):
             return message
     got = _lookup(raw, err["loc"])
     got_text = f" (got {got!r})" if got is not _MISSING else ""
-    return f"{loc}: {err['msg']}{got_text}"
+    return f"{loc}: {message}{got_text}"
 
 
 _MISSING = object()

@@ -26,6 +26,7 @@ from core.config import RunConfig, dump_config
 from core.errors import UserError
 from core.run_folder import CHECKPOINTS, RunFolder, read_records
 from training.loop import TrainPlan, train_loop_per_worker
+from training.scaling import resolve_use_gpu, resolve_workers
 from training.tracking import RunTracker
 
 logger = logging.getLogger(__name__)
@@ -156,14 +157,6 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path, bool]:
     return cfg, run_dir, resume
 
 
-def resolve_use_gpu(cfg: RunConfig) -> bool:
-    import ray
-
-    if cfg.scaling.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) >= 1
-    return bool(cfg.scaling.use_gpu)
-
-
 # A split whose tokens fit in this many is tokenized once, before training, and kept in Ray's object store
 # (about 4 bytes a token): each epoch and each evaluation then reads the stored blocks instead of reading and
 # tokenizing the files again, which on small data costs more than the pass itself. Larger splits stream.
@@ -191,8 +184,10 @@ def build_datasets(cfg: RunConfig, labels, summary=None) -> dict:
     return datasets
 
 
-def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callbacks=(), summary=None):
-    """The TorchTrainer of one run (datasets from the Ray Data pipeline, see ``build_datasets``)."""
+def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callbacks=(), summary=None,
+                  spread: bool = False):
+    """The TorchTrainer of one run (datasets from the Ray Data pipeline, see ``build_datasets``); ``spread``:
+    one worker per node (``training.scaling``)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -207,7 +202,8 @@ def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callba
         train_loop_config={"cfg": cfg, "plan": plan, "labels": labels},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=plan.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy="SPREAD" if spread else "PACK"),
         run_config=RayRunConfig(
             name=CHECKPOINTS, storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
@@ -229,12 +225,13 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool = True, parameter_count=None,
-            tracker=None):
+            tracker=None, spread: bool = False):
     """Build and fit the trainer; returns Ray's Result. Raises UserError on a failed run.
 
     ``progress=False`` skips the per-report lines (a Tune trial's driver prints nowhere a user looks).
     ``tracker``: a started ``training.tracking.RunTracker`` that gets every report.
-    ``parameter_count``: ``preflight.start_parameter_count``'s answer, when the count was started earlier."""
+    ``parameter_count``: ``preflight.start_parameter_count``'s answer, when the count was started earlier.
+    ``cfg.scaling.num_workers`` is a number here (``training.scaling.resolve_workers``)."""
     import ray
     import ray.train
 
@@ -247,7 +244,11 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     # Rows, not records: a QA record becomes one row per window of its context.
     plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu, num_params,
                            packed_sequences=estimate_packed_sequences(cfg, summary))
-    trainer = build_trainer(cfg, plan, labels, run_dir, [MetricsLogCallback(run_dir), *callbacks], summary)
+    if progress and plan.zero_stage != cfg.deepspeed.stage and plan.world_size == 1:
+        logger.info(f"DeepSpeed: ZeRO-{plan.zero_stage} (deepspeed.stage {cfg.deepspeed.stage} partitions nothing "
+                    "with one worker; the same training without its bookkeeping)")
+    trainer = build_trainer(cfg, plan, labels, run_dir, [MetricsLogCallback(run_dir), *callbacks], summary,
+                            spread=spread)
     printer = (ProgressPrinter(RunFolder(run_dir).metrics, plan.total_steps, tracker, show=progress)
                if progress or tracker is not None else None)
     if printer:
@@ -329,6 +330,8 @@ def train(cfg: RunConfig) -> TrainResult:
     from training.evaluate import format_metrics_table
     from training.preflight import start_parameter_count, summarize_data
 
+    cfg, workers = resolve_workers(cfg)
+    logger.info(f"Workers: {cfg.scaling.num_workers} ({workers.reason})")
     parameter_count = start_parameter_count(cfg)  # in a thread, while the data pass runs in Ray
     logger.info("Checking the data ...")
     summary = summarize_data(cfg)  # before the run folder exists: bad data leaves nothing behind
@@ -346,7 +349,8 @@ def train(cfg: RunConfig) -> TrainResult:
     if tracker.enabled:
         tracker.start()
     try:
-        result, plan = fit_run(cfg, summary, run_dir, parameter_count=parameter_count, tracker=tracker)
+        result, plan = fit_run(cfg, summary, run_dir, parameter_count=parameter_count, tracker=tracker,
+                               spread=workers.spread)
         if timings.enabled():
             logger.info(timings.startup_table(_worker_startup(run_dir, metrics_before)))
             timings.reset()

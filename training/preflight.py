@@ -18,6 +18,7 @@ import numpy as np
 from core.config import RunConfig
 from core.errors import UserError
 from training.data import Splits, build_records, process_tokenizer
+from training.scaling import resolve_workers
 from training.tasks.base import LabelSpace
 
 logger = logging.getLogger(__name__)
@@ -322,6 +323,8 @@ def _format_rows_and_checks(summary: DataSummary) -> list[str]:
 
 def run_preflight(cfg: RunConfig) -> DataSummary:
     """``rayfine validate``: check config and data, log the report."""
+    cfg, workers = resolve_workers(cfg)  # the report's memory per worker is for this count
+    logger.info(f"Workers: {cfg.scaling.num_workers} ({workers.reason})")
     summary = summarize_data(cfg)
     num_labels = len(summary.labels.names) if summary.labels else None
     logger.info(format_report(cfg, summary, count_parameters(cfg, num_labels)))

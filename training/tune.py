@@ -39,6 +39,7 @@ from core.ray_private import actor_table, placement_groups_of_dead_actors
 from core.run_folder import CHECKPOINTS, RunFolder
 from training.driver import finalize_run, fit_run, prepare_run_dir
 from training.plots import load_metrics
+from training.scaling import resolve_workers
 from training.tracking import RunTracker
 from training.tune_results import (
     EVALUATION,
@@ -173,7 +174,7 @@ def build_tune_config(cfg: RunConfig, max_concurrent: int):
 
 def cpus_per_trial(cfg: RunConfig) -> float:
     per_worker = (cfg.scaling.resources_per_worker or {}).get("CPU", 1)
-    return cfg.scaling.num_workers * per_worker + DATA_CPUS_PER_TRIAL
+    return cfg.scaling.workers() * per_worker + DATA_CPUS_PER_TRIAL  # auto: 1, until Ray runs
 
 
 def fit_concurrency(cfg: RunConfig, local: bool) -> int:
@@ -408,6 +409,8 @@ def tune_command(cfg: RunConfig, local: bool = True) -> TuneResult:
     from training.preflight import summarize_data
 
     param_space = build_param_space(cfg.tune.search_space)  # config problems before anything starts
+    cfg, workers = resolve_workers(cfg)  # every trial gets the same count
+    logger.info(f"Workers per trial: {cfg.scaling.num_workers} ({workers.reason})")
     t = cfg.tune
     logger.info("Checking the data ...")
     summary = summarize_data(cfg)  # once for every trial

@@ -6,7 +6,9 @@ A job's config is the operator's base config with only these keys changed (TRAPS
 - ``n_epochs`` -> ``training.epochs``;
 - ``learning_rate_multiplier`` -> ``training.learning_rate`` = base learning rate x multiplier;
 - ``batch_size`` is the total batch, examples per optimizer step over all workers (OpenAI's meaning). The
-  base config's total is ``training.batch_size x scaling.num_workers x training.gradient_accumulation_steps``.
+  base config's total is ``training.batch_size x scaling.num_workers x training.gradient_accumulation_steps``
+  (a base config with ``num_workers: auto`` trains each job on one worker: the total has to be split before the
+  job reaches the cluster, so a base config for several GPUs names its count).
   A requested total ``B`` gives each of the ``W`` workers ``B / W`` examples per step (so ``B`` must be a
   multiple of ``W``), in micro-batches no larger than the base ``training.batch_size`` (the size the operator
   knows fits in memory): ``gradient_accumulation_steps`` is the fewest micro-batches of equal size;
@@ -54,7 +56,7 @@ class Hyperparameters:
 
 def base_total_batch(base: RunConfig) -> int:
     t = base.training
-    return t.batch_size * base.scaling.num_workers * t.gradient_accumulation_steps
+    return t.batch_size * base.scaling.workers() * t.gradient_accumulation_steps
 
 
 def split_batch(total: int, workers: int, max_micro: int) -> tuple[int, int]:
@@ -88,7 +90,7 @@ def resolve(base: RunConfig, n_epochs: Auto = "auto", batch_size: Auto = "auto",
         total, micro, accumulation = base_total_batch(base), t.batch_size, t.gradient_accumulation_steps
     else:
         total = int(batch_size)
-        micro, accumulation = split_batch(total, base.scaling.num_workers, t.batch_size)
+        micro, accumulation = split_batch(total, base.scaling.workers(), t.batch_size)
     return Hyperparameters(epochs, total, multiplier, micro, accumulation, t.learning_rate * multiplier, method,
                            (t.beta if _auto(beta) else float(beta)) if method == "dpo" else None)
 
@@ -119,6 +121,7 @@ def build_job_config(base: RunConfig, hp: Hyperparameters, *, seed: int, train_p
     if hp.method == "dpo":
         raw["training"]["beta"] = hp.beta
         raw["data"]["packing"] = False  # an SFT optimization; DPO runs each output whole
+    raw["scaling"]["num_workers"] = base.scaling.workers()  # the count the batch was split for
     raw["tune"] = TuneConfig().model_dump(mode="json")
     raw["output"] = {"dir": storage, "name": job_id, "model_id": model_id}
     if mlflow_uri:

@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -50,8 +51,9 @@ def test_submitted_job_trains_on_the_cluster_with_the_data_it_carried(tmp_path, 
     config = write_config(tmp_path, tiny_bert)
     storage = ray_head.storage / "submit"
     # An absolute output.dir is where the run goes on the cluster when no --storage is given.
-    out = rayfine(["submit", str(config), "--address", ray_head.address, "--set", f"output.dir={storage}"],
-                  ray_head.env)
+    # scaling.num_workers: auto on the two CPU-only nodes: one worker on each.
+    out = rayfine(["submit", str(config), "--address", ray_head.address, "--set", f"output.dir={storage}",
+                   "--set", "scaling.num_workers=auto"], ray_head.env)
     assert out.returncode == 0, out.stderr
     assert f"run folder on the cluster: {storage}/sentiment" in out.stdout, out.stdout
     job_id = job_id_of(out.stdout)
@@ -77,6 +79,10 @@ def test_submitted_job_trains_on_the_cluster_with_the_data_it_carried(tmp_path, 
     # The run's config points at the copies shipped with the job, not at this machine's (deleted) files.
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert "rayfine_job_" in saved["data"]["train"] and str(tmp_path) not in saved["data"]["train"]
+    assert saved["scaling"]["num_workers"] == 2  # auto, as the job chose it
+    logs = httpx.get(f"{ray_head.address}/api/jobs/{job_id}/logs", timeout=30,
+                     headers={"Authorization": f"Bearer {ray_head.token}"}).json()["logs"]
+    assert "Workers: 2 (auto: no GPU, so one worker on each of 2 nodes using every core" in logs, logs[-2000:]
 
 
 def test_wait_streams_the_log_and_a_failed_job_exits_1_with_its_error(tmp_path, tiny_bert, ray_head):

@@ -52,7 +52,7 @@ def test_worker_counts_and_zero_stages_train_the_same(tmp_path, tiny_bert, ray_l
     so the workers build, report and export a ZeRO-3 engine (its weights gathered from every rank)."""
     runs = {}
     for name, workers, batch, deepspeed in (
-            ("1x8-zero0", 1, 8, {"stage": 0}),
+            ("1x8-zero0", "auto", 8, {"stage": 0}),  # auto: one worker on this CPU-only local instance
             ("2x4-zero2", 2, 4, {"stage": 2}),
             ("2x4-zero3", 2, 4, {"stage": 2, "config": {"zero_optimization": {"stage": 3}}})):
         cfg = classification_config(
@@ -70,6 +70,9 @@ def test_worker_counts_and_zero_stages_train_the_same(tmp_path, tiny_bert, ray_l
         assert final == pytest.approx([m["eval_loss"] for m in metrics["2x4-zero2"] if m.get("final")][-1],
                                       rel=2e-4), name
     assert "DeepSpeed ZeRO-3" in (runs["2x4-zero3"].model_dir / "README.md").read_text()
+    from core.config import load_config
+
+    assert load_config(runs["1x8-zero0"].run_dir / "config.yaml").scaling.num_workers == 1  # what it ran with
 
     from transformers import AutoModelForSequenceClassification
 

@@ -81,6 +81,16 @@ def test_job_config_is_the_base_plus_hyperparameters_only():
     assert base.training.epochs == 3 and base.output.name == "operator-run"  # the base config is not changed
 
 
+def test_a_base_with_auto_workers_trains_each_job_on_one_worker():
+    auto = load_config(raw={**base_config().model_dump(mode="json"), "scaling": {"num_workers": "auto"}})
+    assert base_total_batch(auto) == 8
+    hp = resolve(auto, batch_size=24)  # not a multiple of 2: fine for one worker
+    assert (hp.per_worker_batch_size, hp.gradient_accumulation_steps) == (8, 3)
+    cfg = build_job_config(auto, hp, seed=1, train_path="/f/a.jsonl", validation_path=None, storage="/r",
+                           job_id="ftjob-w", model_id="ft:m::ftjob-w")
+    assert cfg.scaling.num_workers == 1  # the count the total batch was split for, whatever the cluster has
+
+
 def test_method_dpo_sets_the_training_method_and_beta():
     base = load_config(raw={"task": "causal_lm", "model": {"name_or_path": "m"},
                             "data": {"train": "t.jsonl", "validation": "v.jsonl", "packing": True},

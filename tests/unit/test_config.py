@@ -53,6 +53,16 @@ def test_bad_values_are_all_reported_with_their_key(tmp_path):
     assert "deepspeed.stage:" in text
 
 
+def test_num_workers_is_auto_by_default_and_otherwise_a_count(tmp_path):
+    assert load_config(_write(tmp_path, BASE)).scaling.num_workers == "auto"
+    assert load_config(_write(tmp_path, {**BASE, "scaling": {"num_workers": 3}})).scaling.workers() == 3
+    for bad in (0, "many", 1.5, True):
+        with pytest.raises(ConfigError) as err:
+            load_config(_write(tmp_path, {**BASE, "scaling": {"num_workers": bad}}))
+        assert err.value.render().splitlines()[-1] == (
+            f"  - scaling.num_workers: give auto or a whole number of workers, 1 or more (got {bad!r})")
+
+
 def test_missing_required_sections(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, {"task": "sequence_classification"}))

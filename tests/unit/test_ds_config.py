@@ -23,7 +23,7 @@ def test_each_stage(stage):
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage
     assert ds["train_batch_size"] == 16 * 1 * 2
-    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     assert "bf16" not in ds and "fp16" not in ds  # CPU trains in fp32
     if stage == 0:
         assert set(zero) == {"stage"}
@@ -43,7 +43,7 @@ def test_gpu_precision_offload_and_user_keys_merged_last():
     assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
-    assert "torch_adam" not in ds["optimizer"]["params"]  # offload uses DeepSpeed's CPU Adam
+    assert {"torch_adam", "fused"}.isdisjoint(ds["optimizer"]["params"])  # offload uses DeepSpeed's CPU Adam
     assert ds["zero_optimization"]["reduce_bucket_size"] == 123 and ds["steps_per_print"] == 7
     assert ds["zero_optimization"]["stage"] == 3  # merge keeps the derived keys
 
@@ -113,3 +113,14 @@ def test_no_warmup_means_the_first_step_runs_at_the_full_rate(sched):
     kind = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR}[s["type"]]
     scheduler = kind(optimizer, **s["params"])
     assert scheduler.get_lr()[0] == pytest.approx(3e-4)
+
+
+def test_one_worker_runs_zero_0_unless_it_offloads_or_asks_natively():
+    def stage(world_size, **deepspeed):
+        return build_deepspeed_config(cfg_with(deepspeed=deepspeed), world_size=world_size, total_steps=10,
+                                      use_gpu=False)["zero_optimization"]["stage"]
+
+    assert [stage(1, stage=s) for s in (0, 1, 2, 3)] == [0, 0, 0, 3]  # one rank has nothing to partition
+    assert [stage(2, stage=s) for s in (0, 1, 2, 3)] == [0, 1, 2, 3]
+    assert stage(1, stage=2, offload_optimizer=True) == 2  # offload needs the ZeRO optimizer
+    assert stage(1, stage=2, config={"zero_optimization": {"stage": 2}}) == 2  # a native key is taken as given
