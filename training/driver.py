@@ -26,7 +26,7 @@ from core.config import RunConfig, dump_config
 from core.errors import UserError
 from core.run_folder import CHECKPOINTS, RunFolder, read_records
 from training.loop import TrainPlan, train_loop_per_worker
-from training.scaling import resolve_use_gpu, resolve_workers
+from training.scaling import resolve_use_gpu, resolve_workers, workers_text
 from training.tracking import RunTracker
 
 logger = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ def train(cfg: RunConfig) -> TrainResult:
             logger.info(timings.startup_table(_worker_startup(run_dir, metrics_before)))
             timings.reset()
         logger.info(f"Training finished in {time.time() - started:.0f}s ({plan.total_steps} steps, "
-                    f"{cfg.scaling.num_workers} workers, ZeRO-{plan.zero_stage}).")
+                    f"{workers_text(cfg.scaling.num_workers)}, ZeRO-{plan.zero_stage}).")
         done = finalize_run(cfg, run_dir, result)
     except BaseException:
         tracker.finish(failed=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.config import RunConfig
+from training.scaling import workers_text
 
 _USAGE = {
     "sequence_classification": ('from transformers import pipeline\n'
@@ -95,7 +96,7 @@ Fine-tuned with rayfine ({cfg.task}{method}) from `{cfg.model.name_or_path}`.
 
 ## Training
 - epochs {t.epochs}, learning rate {t.learning_rate}, batch size {shape.micro_batch_per_worker} per worker x
-  {cfg.scaling.num_workers} workers x {shape.gradient_accumulation_steps} accumulation steps
+  {workers_text(cfg.scaling.num_workers)} x {shape.gradient_accumulation_steps} accumulation steps
 - scheduler {t.lr_scheduler} with warmup ratio {t.warmup_ratio}, weight decay {t.weight_decay}, seed {t.seed}
 - DeepSpeed ZeRO-{shape.stage}, precision {ds.precision}, max sequence length {cfg.data.max_seq_length}
 

@@ -23,6 +23,7 @@ from core.config import RunConfig
 from core.model_folder import ModelInfo
 from core.ray_private import run_storage_dir
 from core.run_folder import TRAINER_STATE
+from training.scaling import workers_text
 from training.tasks.base import LabelSpace
 
 DS_TAG = "ds"
@@ -260,7 +261,7 @@ class Worker:
             config=self.ds_config)
         del dschf
         self.log(f"DeepSpeed ZeRO-{self.shape.stage} engine, {precision}: micro batch "
-                 f"{self.shape.micro_batch_per_worker} x {self.world} workers x "
+                 f"{self.shape.micro_batch_per_worker} x {workers_text(self.world)} x "
                  f"{self.shape.gradient_accumulation_steps} accumulation, {self.threads} torch threads per worker")
 
     def staging(self) -> tempfile.TemporaryDirectory:

@@ -18,7 +18,7 @@ import numpy as np
 from core.config import RunConfig
 from core.errors import UserError
 from training.data import Splits, build_records, process_tokenizer
-from training.scaling import resolve_workers
+from training.scaling import resolve_workers, workers_text
 from training.tasks.base import LabelSpace
 
 logger = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def format_report(cfg: RunConfig, summary: DataSummary, num_params: int) -> str:
     lines += get_adapter(cfg).report_lines(summary)
     chosen = run_engine_shape(cfg, cfg.scaling.num_workers).stage
     lines += ["", f"parameters: {num_params:,}",
-              f"memory per worker (model states, ZeRO-{chosen}, {cfg.scaling.num_workers} workers, "
+              f"memory per worker (model states, ZeRO-{chosen}, {workers_text(cfg.scaling.num_workers)}, "
               "16 bytes/param mixed-precision Adam):"]
     for stage in (0, 1, 2, 3):
         est = estimate_memory_per_worker(num_params, stage, cfg.scaling.num_workers,

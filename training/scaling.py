@@ -26,6 +26,10 @@ def resolve_use_gpu(cfg: RunConfig) -> bool:
     return bool(cfg.scaling.use_gpu)
 
 
+def workers_text(count: int) -> str:
+    return f"{count} worker" if count == 1 else f"{count} workers"
+
+
 @dataclass(frozen=True)
 class Workers:
     count: int

@@ -39,7 +39,7 @@ from core.ray_private import actor_table, placement_groups_of_dead_actors
 from core.run_folder import CHECKPOINTS, RunFolder
 from training.driver import finalize_run, fit_run, prepare_run_dir
 from training.plots import load_metrics
-from training.scaling import resolve_workers
+from training.scaling import resolve_workers, workers_text
 from training.tracking import RunTracker
 from training.tune_results import (
     EVALUATION,
@@ -192,7 +192,7 @@ def fit_concurrency(cfg: RunConfig, local: bool) -> int:
     if fits >= wanted:
         return wanted
     note = (f"  The cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; a trial takes "
-            f"{cpus_per_trial(cfg):g} CPUs ({cfg.scaling.num_workers} workers + {DATA_CPUS_PER_TRIAL} for Ray Data)")
+            f"{cpus_per_trial(cfg):g} CPUs ({workers_text(cfg.scaling.num_workers)} + {DATA_CPUS_PER_TRIAL} for Ray Data)")
     if not local:
         logger.info(note + f": trials beyond {max(fits, 1)} wait for resources.")
         return wanted
