@@ -201,7 +201,7 @@ def one_run(args, tmp: Path, index: int) -> dict[str, float]:
                                                 batch_size=args.batch_size, stage=stage, name=f"zero{stage}")
     # The default config: scaling.num_workers auto, with the Trainer's global batch on however many workers.
     speed, first, wall, used = bench_rayfine(args, data, folder, workers="auto",
-                                             batch_size=args.batch_size * args.workers // max(1, args.workers_auto),
+                                             batch_size=args.batch_size * args.workers // args.workers_auto,
                                              stage=2, name="auto")
     out.update(auto=speed, auto_first_report=first, auto_wall=wall, auto_workers=used)
     return out

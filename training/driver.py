@@ -25,6 +25,7 @@ from core import timings
 from core.config import RunConfig, dump_config
 from core.errors import UserError
 from core.run_folder import CHECKPOINTS, RunFolder, read_records
+from training.ds_config import single_rank_runs_zero_0
 from training.loop import TrainPlan, train_loop_per_worker
 from training.scaling import resolve_use_gpu, resolve_workers, workers_text
 from training.tracking import RunTracker
@@ -244,7 +245,7 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     # Rows, not records: a QA record becomes one row per window of its context.
     plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu, num_params,
                            packed_sequences=estimate_packed_sequences(cfg, summary))
-    if progress and plan.zero_stage != cfg.deepspeed.stage and plan.world_size == 1:
+    if progress and single_rank_runs_zero_0(cfg, plan.world_size):
         logger.info(f"DeepSpeed: ZeRO-{plan.zero_stage} (deepspeed.stage {cfg.deepspeed.stage} partitions nothing "
                     "with one worker; the same training without its bookkeeping)")
     trainer = build_trainer(cfg, plan, labels, run_dir, [MetricsLogCallback(run_dir), *callbacks], summary,

@@ -42,15 +42,20 @@ def _scheduler(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
     return {"type": "WarmupDecayLR", "params": {**params, "total_num_steps": max(total_steps, warmup + 1)}}
 
 
+def single_rank_runs_zero_0(cfg: RunConfig, world_size: int) -> bool:
+    """Whether ``deepspeed.stage`` 1 or 2 runs as ZeRO-0: one rank has nothing to partition, so ZeRO-1/2 would
+    only add the bookkeeping of their flat buffers (a third of a small model's step on CPU). ZeRO-3 (zero.Init,
+    parameter offload), optimizer offload and a stage named in ``deepspeed.config`` are kept."""
+    ds = cfg.deepspeed
+    return (world_size == 1 and ds.stage in (1, 2) and not ds.offload_optimizer
+            and (ds.config.get("zero_optimization") or {}).get("stage") is None)
+
+
 def _zero(cfg: RunConfig, use_gpu: bool, num_params: int | None, world_size: int) -> dict[str, Any]:
     ds = cfg.deepspeed
     # deepspeed.config may name another stage: the stage-specific defaults below follow the one that runs
-    native = (ds.config.get("zero_optimization") or {}).get("stage")
-    stage = int(ds.stage if native is None else native)
-    if world_size == 1 and stage in (1, 2) and not ds.offload_optimizer and native is None:
-        # One rank has nothing to partition: ZeRO-1/2 would only add the bookkeeping of their flat buffers
-        # (a third of a small model's step on CPU). ZeRO-3 stays (zero.Init, parameter offload).
-        stage = 0
+    stage = 0 if single_rank_runs_zero_0(cfg, world_size) else int(
+        (ds.config.get("zero_optimization") or {}).get("stage", ds.stage))
     zero: dict[str, Any] = {"stage": stage}
     if stage == 0:
         return zero

@@ -192,7 +192,8 @@ def fit_concurrency(cfg: RunConfig, local: bool) -> int:
     if fits >= wanted:
         return wanted
     note = (f"  The cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; a trial takes "
-            f"{cpus_per_trial(cfg):g} CPUs ({workers_text(cfg.scaling.num_workers)} + {DATA_CPUS_PER_TRIAL} for Ray Data)")
+            f"{cpus_per_trial(cfg):g} CPUs ({workers_text(cfg.scaling.num_workers)} + {DATA_CPUS_PER_TRIAL} "
+            "for Ray Data)")
     if not local:
         logger.info(note + f": trials beyond {max(fits, 1)} wait for resources.")
         return wanted

@@ -41,8 +41,8 @@ def wait_serving(port: int, server: subprocess.Popen, log: Path, timeout: float 
 
 
 def session_processes(sid: int) -> list[tuple[int, str]]:
-    """Live processes (pid, name) of a session (Ray's workers and Serve's HAProxy keep the session of the process that started
-    the local instance, though each worker has a process group of its own)."""
+    """Live processes (pid, name) of a session (Ray's workers and Serve's HAProxy keep the session of the process
+    that started the local instance, though each worker has a process group of its own)."""
     found = []
     for proc in psutil.process_iter():
         try:
