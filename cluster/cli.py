@@ -142,22 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from training.preflight import run_preflight
+    from training.preflight import run_preflight, start_checks
 
     cfg = load_config(args.config, args.overrides)
+    checks = start_checks(cfg)  # small local data is checked while Ray starts
     where = start_ray(args.address, num_workers=cfg.scaling.workers(), serve_proxy=cfg.serve.proxy)
     print(f"Validating {cfg.output.name} on {where} ...", flush=True)
-    run_preflight(cfg)
+    run_preflight(cfg, checks)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.driver import train
+    from training.preflight import start_checks
 
     cfg = load_config(args.config, args.overrides)
+    checks = start_checks(cfg)  # small local data is checked while Ray starts
     where = start_ray(args.address, num_workers=cfg.scaling.workers(), serve_proxy=cfg.serve.proxy)
     print(f"rayfine train: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
-    train(cfg)
+    train(cfg, checks)
     return 0
 
 

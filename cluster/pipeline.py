@@ -76,13 +76,16 @@ def run_all(cfg: RunConfig, address: str | None, detach: bool) -> int:
         build_param_space(cfg.tune.search_space)  # an empty search space is an error before Ray starts
         where = start_ray(address, num_workers=local_workers(cfg), serve_proxy=cfg.serve.proxy)
     else:
+        from training.preflight import start_checks
+
+        checks = start_checks(cfg)  # small local data is checked while Ray starts
         where = start_ray(address, num_workers=cfg.scaling.workers(), serve_proxy=cfg.serve.proxy)
     print(f"rayfine run: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
     print("== 1/4 validate + train ==", flush=True)
     if cfg.tune.enabled:
         model_dir = Path(tune_command(cfg, local=is_local(address)).model_dir)
     else:
-        model_dir = train(cfg).model_dir
+        model_dir = train(cfg, checks).model_dir
     print("\n== 2/4 evaluate ==", flush=True)
     evaluation = json.loads(RunFolder(model_dir.parent).eval.read_text())
     for split, metrics in evaluation.items():

@@ -3,7 +3,9 @@
 Reading is a Ray Data operation over the list of shards (one task reads one shard, streaming it in chunks), so
 every record is checked where it is read and a problem can name its file and line. Tokenization runs in Ray
 Data tasks with one tokenizer per worker process (``process_tokenizer``).
-The driver only ever sees small summaries, never the records.
+The driver only ever sees small summaries, never the records, except for small local data
+(``IN_PROCESS_MAX_BYTES``): the driver reads and tokenizes it itself with the same functions, once, and hands
+the tokenized blocks to Ray Data (``read_in_process``, ``tokenized_blocks``).
 """
 
 from __future__ import annotations
@@ -206,6 +208,53 @@ def build_records(files: list[tuple[str, str]], cfg: RunConfig, carve: float = 0
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     return ds.map_batches(_read_shards, batch_size=1, fn_kwargs={"cfg": cfg, "carve": carve, "keep": keep},
                           num_cpus=0.5)
+
+
+# ---- small local data: read in the driver ----------------------------------------------------------------
+# Local files of at most this many bytes in all are read, checked and tokenized in the driver's own process:
+# a Ray Data pass starts worker processes that each import transformers and load the tokenizer, seconds that
+# small data does not repay. The functions are the ones Ray Data runs, on the same batches.
+IN_PROCESS_MAX_BYTES = 8 * 2**20
+
+
+def local_bytes(files: list[tuple[str, str]]) -> int | None:
+    """The total size of ``files`` when every one is a readable local file; None otherwise (object storage)."""
+    total = 0
+    for path, _ in files:
+        if "://" in path:
+            return None
+        try:
+            total += os.path.getsize(path)
+        except OSError:
+            return None
+    return total
+
+
+def small_and_local(files: list[tuple[str, str]]) -> bool:
+    """Whether ``files`` are read in the driver's process (``IN_PROCESS_MAX_BYTES``)."""
+    size = local_bytes(files)
+    return size is not None and size <= IN_PROCESS_MAX_BYTES
+
+
+def read_in_process(files: list[tuple[str, str]], cfg: RunConfig, carve: float = 0.0
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """``build_records``'s batches in numpy format, read in this process (every split: ``_split`` names it)."""
+    from ray.data.block import BlockAccessor
+
+    for path, fmt in files:
+        for chunk in read_shard_rows(path, fmt, cfg, carve, None):
+            yield BlockAccessor.for_block(BlockAccessor.batch_to_block(chunk)).to_batch_format("numpy")
+
+
+def tokenized_blocks(batches: list[dict[str, np.ndarray]], cfg: RunConfig, labels: LabelSpace | None):
+    """A materialized Ray Dataset of ``batches`` tokenized here: the rows ``tokenized`` makes of them."""
+    import ray.data
+    from ray.data.block import BlockAccessor
+
+    from training.tasks import get_adapter
+
+    outputs = [tokenize_batch(b, cfg, labels) for b in batches] or [get_adapter(cfg).empty_tokens()]
+    return ray.data.from_blocks([BlockAccessor.batch_to_block(out) for out in outputs])
 
 
 # ---- tokenizing -------------------------------------------------------------------------------

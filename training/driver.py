@@ -166,16 +166,21 @@ MATERIALIZE_MAX_TOKENS = 20_000_000
 
 def build_datasets(cfg: RunConfig, labels, summary=None) -> dict:
     """The tokenized splits of a run; with the pre-flight ``summary``, the small ones materialized."""
-    from training.data import Splits, tokenized
+    from training.data import Splits, tokenized, tokenized_blocks
     from training.tasks import get_adapter
 
     splits = Splits(cfg)
-    datasets = {"train": tokenized(splits.records("train"), cfg, labels),
-                "validation": tokenized(splits.records("validation"), cfg, labels)}
-    test = splits.records("test")
-    if test is not None:
-        datasets["test"] = tokenized(test, cfg, labels)
-    if summary is not None:
+    records = summary.records_for(cfg) if summary is not None else None
+    if records is not None:  # small local data, read by the pre-flight
+        names = ["train", "validation"] + (["test"] if splits.test else [])
+        datasets = {name: tokenized_blocks(records.get(name, []), cfg, labels) for name in names}
+    else:
+        datasets = {"train": tokenized(splits.records("train"), cfg, labels),
+                    "validation": tokenized(splits.records("validation"), cfg, labels)}
+        test = splits.records("test")
+        if test is not None:
+            datasets["test"] = tokenized(test, cfg, labels)
+    if summary is not None and records is None:
         for split, dataset in datasets.items():
             tokens = summary.tokens(split, cfg.data.max_seq_length)
             if tokens is not None and tokens <= MATERIALIZE_MAX_TOKENS:
@@ -326,16 +331,17 @@ def finalize_run(cfg: RunConfig, run_dir: Path, result) -> TrainResult:
     return TrainResult(run_dir, model_dir, evaluation)
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """``rayfine train``: check the data, train, export; logs progress and the evaluation table."""
+def train(cfg: RunConfig, checks=None) -> TrainResult:
+    """``rayfine train``: check the data, train, export; logs progress and the evaluation table. ``checks``:
+    ``preflight.start_checks(cfg)``, called before Ray started (else here)."""
     from training.evaluate import format_metrics_table
-    from training.preflight import start_parameter_count, summarize_data
+    from training.preflight import start_checks
 
+    checks = checks or start_checks(cfg)  # the parameter count in a thread, while the data pass runs
     cfg, workers = resolve_workers(cfg)
     logger.info(f"Workers: {cfg.scaling.num_workers} ({workers.reason})")
-    parameter_count = start_parameter_count(cfg)  # in a thread, while the data pass runs in Ray
     logger.info("Checking the data ...")
-    summary = summarize_data(cfg)  # before the run folder exists: bad data leaves nothing behind
+    summary = checks.summary()  # before the run folder exists: bad data leaves nothing behind
     timings.mark("pre-flight data pass")
     logger.info("  records: " + ", ".join(f"{k} {v:,}" for k, v in summary.counts.items()))
     if any(summary.rows(k) != v for k, v in summary.counts.items()):
@@ -350,7 +356,7 @@ def train(cfg: RunConfig) -> TrainResult:
     if tracker.enabled:
         tracker.start()
     try:
-        result, plan = fit_run(cfg, summary, run_dir, parameter_count=parameter_count, tracker=tracker,
+        result, plan = fit_run(cfg, summary, run_dir, parameter_count=checks.parameter_count, tracker=tracker,
                                spread=workers.spread)
         if timings.enabled():
             logger.info(timings.startup_table(_worker_startup(run_dir, metrics_before)))

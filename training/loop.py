@@ -157,6 +157,35 @@ def iter_train_batches(shard, cfg: RunConfig, epoch: int, pad_id: int = 0, batch
             yield _take(big, idx)
 
 
+class Prefetched:
+    """An iterable whose first item is fetched in a background thread from the moment it is made; iterating it
+    waits for that item (or raises what fetching it raised), then goes on in the caller's thread."""
+
+    def __init__(self, iterable):
+        import threading
+
+        self._it = iter(iterable)
+        self._first: tuple = ()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch, name="rayfine-first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = (next(self._it),)
+        except StopIteration:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - raised in the iterating thread
+            self._error = exc
+
+    def __iter__(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._it
+
+
 def synchronized(batches, device):
     """Stop every rank's epoch as soon as one rank runs out of batches (packed epochs differ in length)."""
     import torch
@@ -227,8 +256,8 @@ class Worker:
         self.startup_sent = False
 
     # ---- engine ---------------------------------------------------------------------------------
-    def build_engine(self):
-        import deepspeed
+    def configure_engine(self) -> None:
+        """The derived DeepSpeed config and the shape the engine will run (cheap: nothing is built yet)."""
         import torch
 
         from training.ds_config import build_deepspeed_config, engine_shape
@@ -238,6 +267,11 @@ class Worker:
             self.cfg, world_size=self.world, total_steps=self.plan.total_steps, use_gpu=self.plan.use_gpu,
             bf16_supported=bf16, num_params=self.plan.num_params)
         self.shape = engine_shape(self.ds_config)  # stage, micro batch, accumulation: as the engine runs them
+
+    def build_engine(self):
+        import deepspeed
+        import torch
+
         # Join DeepSpeed's comm layer to the process group Ray Train already set up; DeepSpeed's config
         # (built below, also by HfDeepSpeedConfig) reads the world size from it.
         deepspeed.init_distributed(dist_backend="nccl" if self.plan.use_gpu else "gloo")
@@ -488,20 +522,28 @@ def train_loop_per_worker(config: dict) -> None:
 
     started = time.time()
     w = Worker(cfg, plan, config["labels"])
+    w.configure_engine()
+    checkpoint = ray.train.get_checkpoint()
+    shard = ray.train.get_dataset_shard("train")
+    # A fresh run's first batches are on their way while the engine is built (DeepSpeed's and the model's
+    # imports, the weights): Ray Data starts its stream in other processes meanwhile. A resumed run starts
+    # from its checkpoint's epoch, and DPO's reference pass reads the data first.
+    first_epoch = (Prefetched(iter_train_batches(shard, cfg, 0, w.pad_id, w.shape.micro_batch_per_worker))
+                   if checkpoint is None and not w.adapter.reference_pass else None)
     w.build_engine()
     w.startup = {"worker_start": started, "engine_built": time.time()}  # sent with the first report
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and w.restore(checkpoint):
         return  # finished before a driver restart; the final checkpoint already holds the model
     resumed = checkpoint is not None
     if w.adapter.reference_pass and w.reference is None:
         w.score_reference()
     t = cfg.training
-    shard = ray.train.get_dataset_shard("train")
     s = w.state
     while s.epoch < t.epochs and s.global_step < plan.total_steps:
         epoch, micro = s.epoch, 0
-        batches = iter_train_batches(shard, cfg, epoch, w.pad_id, w.shape.micro_batch_per_worker)
+        batches = (first_epoch if first_epoch is not None and epoch == 0
+                   else iter_train_batches(shard, cfg, epoch, w.pad_id, w.shape.micro_batch_per_worker))
+        first_epoch = None
         for batch in (synchronized(batches, w.device) if plan.packed else batches):
             w.startup.setdefault("first_batch", time.time())
             if micro < s.micro_in_epoch:  # resuming mid-epoch: skip what the checkpoint already covers

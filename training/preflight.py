@@ -17,7 +17,7 @@ import numpy as np
 
 from core.config import RunConfig
 from core.errors import UserError
-from training.data import Splits, build_records, process_tokenizer
+from training.data import Splits, build_records, process_tokenizer, read_in_process, small_and_local
 from training.scaling import resolve_workers, workers_text
 from training.tasks.base import LabelSpace
 
@@ -93,6 +93,10 @@ def check_splits(adapter, counts: dict[str, int], label_counts: dict[str, dict[s
     return check
 
 
+def _read_as(cfg: RunConfig) -> str:
+    return f"{cfg.task}:{cfg.data.model_dump_json()}"
+
+
 @dataclass
 class DataSummary:
     counts: dict[str, int] = field(default_factory=dict)
@@ -101,6 +105,14 @@ class DataSummary:
     labels: LabelSpace | None = None
     stats: dict[str, dict[str, int]] = field(default_factory=dict)  # per split: rows and task checks
     where: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # per split and check: first file:line
+    # Small local data, read in the driver (training.data.IN_PROCESS_MAX_BYTES): each split's record batches,
+    # tokenized for training from here instead of being read again. None when Ray Data read the data.
+    records: dict[str, list[dict[str, np.ndarray]]] | None = None
+    read_as: str = ""  # the task and data section the records were read with (a Tune trial may change them)
+
+    def records_for(self, cfg: RunConfig) -> dict[str, list[dict[str, np.ndarray]]] | None:
+        """The record batches read in the driver, when ``cfg`` reads its data as they were read; else None."""
+        return self.records if self.records is not None and self.read_as == _read_as(cfg) else None
 
     def rows(self, split: str) -> int:
         """Rows the tokenizer makes of a split (what training steps over); records when not counted."""
@@ -131,14 +143,25 @@ def _summaries(ds, cfg: RunConfig):
         yield json.loads(row["summary"])
 
 
+def _in_process_summaries(files, cfg: RunConfig, carve: float, source: str, held: dict[str, list]):
+    """``_summaries`` of ``files`` read in this process; their batches go to ``held``, by split."""
+    for batch in read_in_process(files, cfg, carve):
+        for split in np.unique(batch["_split"]):
+            mask = batch["_split"] == split
+            held.setdefault(split if source == "train" else source, []).append({k: v[mask] for k, v in batch.items()})
+        yield json.loads(summarize_batch(batch, cfg)["summary"][0])
+
+
 def summarize_data(cfg: RunConfig) -> DataSummary:
-    """Read every record of every split once; raise UserError listing the problems found."""
+    """Read every record of every split once; raise UserError listing the problems found. Small local data is
+    read in this process and kept (``DataSummary.records``); the rest in Ray Data tasks."""
     splits = Splits(cfg)
-    sources = [("train", build_records(splits.train, cfg, splits.carve))]
+    sources = [("train", splits.train, splits.carve)]
     if splits.validation:
-        sources.append(("validation", build_records(splits.validation, cfg)))
+        sources.append(("validation", splits.validation, 0.0))
     if splits.test:
-        sources.append(("test", build_records(splits.test, cfg)))
+        sources.append(("test", splits.test, 0.0))
+    held: dict[str, dict] | None = {} if small_and_local([f for _, files, _ in sources for f in files]) else None
     problems, num_problems = [], 0
     result = DataSummary()
     lengths: dict[str, list[int]] = defaultdict(list)
@@ -146,8 +169,10 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
     first_seen: dict[str, dict[str, str]] = defaultdict(dict)
     stats: dict[str, Counter] = defaultdict(Counter)
     places: dict[str, dict[str, list[str]]] = defaultdict(dict)  # per split and task check: first file:line
-    for source, ds in sources:
-        for s in _summaries(ds, cfg):
+    for source, files, carve in sources:
+        summaries = (_in_process_summaries(files, cfg, carve, source, held.setdefault(source, {}))
+                     if held is not None else _summaries(build_records(files, cfg, carve), cfg))
+        for s in summaries:
             problems += s["errors"][: MAX_PROBLEMS - len(problems)]
             num_problems += s["num_errors"]
             for split, n in s["counts"].items():
@@ -170,6 +195,9 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
     result.label_counts = {k: dict(v) for k, v in labels.items()}
     result.stats = {k: dict(v) for k, v in stats.items()}
     result.where = dict(places)
+    if held is not None:
+        result.records = {split: batches for by_split in held.values() for split, batches in by_split.items()}
+        result.read_as = _read_as(cfg)
     _check_splits(cfg, splits, result, first_seen)
     return result
 
@@ -247,6 +275,45 @@ def start_parameter_count(cfg: RunConfig) -> Callable[[int | None], int]:
     return count
 
 
+@dataclass
+class Checks:
+    """The pre-flight's two results, being computed: the data summary and the parameter count."""
+
+    summary: Callable[[], DataSummary]
+    parameter_count: Callable[[int | None], int]
+
+
+def start_checks(cfg: RunConfig) -> Checks:
+    """Start the parameter count, and for small local data (read in this process, ``summarize_data``) the data
+    pass too, in background threads: called before Ray starts, both run while it does. Larger data waits for the
+    caller's ``summary()``, which reads it in Ray Data tasks then. A problem with the data is raised by
+    ``summary()``."""
+    import threading
+
+    splits = Splits(cfg)
+    parameter_count = start_parameter_count(cfg)
+    if not small_and_local(splits.train + (splits.validation or []) + (splits.test or [])):
+        return Checks(lambda: summarize_data(cfg), parameter_count)
+    found: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            found["summary"] = summarize_data(cfg)
+        except BaseException as exc:  # noqa: BLE001 - raised again by summary()
+            found["error"] = exc
+
+    thread = threading.Thread(target=work, name="rayfine-preflight", daemon=True)
+    thread.start()
+
+    def summary() -> DataSummary:
+        thread.join()
+        if "error" in found:
+            raise found["error"]
+        return found["summary"]
+
+    return Checks(summary, parameter_count)
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -321,12 +388,14 @@ def _format_rows_and_checks(summary: DataSummary) -> list[str]:
     return lines
 
 
-def run_preflight(cfg: RunConfig) -> DataSummary:
-    """``rayfine validate``: check config and data, log the report."""
+def run_preflight(cfg: RunConfig, checks: Checks | None = None) -> DataSummary:
+    """``rayfine validate``: check config and data, log the report. ``checks``: ``start_checks(cfg)``, called
+    before Ray started (else here)."""
+    checks = checks or start_checks(cfg)
     cfg, workers = resolve_workers(cfg)  # the report's memory per worker is for this count
     logger.info(f"Workers: {cfg.scaling.num_workers} ({workers.reason})")
-    summary = summarize_data(cfg)
+    summary = checks.summary()
     num_labels = len(summary.labels.names) if summary.labels else None
-    logger.info(format_report(cfg, summary, count_parameters(cfg, num_labels)))
+    logger.info(format_report(cfg, summary, checks.parameter_count(num_labels)))
     logger.info("\nOK: config and data are valid.")
     return summary

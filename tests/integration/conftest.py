@@ -47,9 +47,9 @@ SHARED_LOG_EVERY, SHARED_CHECKPOINT_EVERY, FAIL_AT = 4, 8, 10
 
 @pytest.fixture(scope="session")
 def trained_classifier(tmp_path_factory, tiny_bert, ray_local):
-    """The session's one full classification run (tiny BERT, 2 workers, ZeRO-2, tracked in MLflow's embedded store
-    TensorBoard and W&B offline): test_train_classification checks its run folder, export, evaluation and tracking,
-    test_resume_and_invariants the restart after its failure."""
+    """The session's one full classification run (tiny BERT, 2 workers, ZeRO-2, data read in Ray Data tasks,
+    tracked in MLflow's embedded store, TensorBoard and W&B offline): test_train_classification checks its run
+    folder, export, evaluation and tracking, test_resume_and_invariants the restart after its failure."""
     from tests.integration.helpers import classification_config
     from training.driver import train
 
@@ -60,7 +60,15 @@ def trained_classifier(tmp_path_factory, tiny_bert, ray_local):
         scaling={"max_failures": 1}, tracking={"mlflow": {"experiment": "tests", "register_model": "tiny-sentiment"},
                                              "tensorboard": True,
                                              "wandb": {"project": "rayfine-tests", "mode": "offline"}})
-    return cfg, train(cfg)
+    from training import data
+
+    # This run reads its data in Ray Data tasks; the others read their small data in the driver
+    # (test_data_paths: both paths give the same rows).
+    small, data.IN_PROCESS_MAX_BYTES = data.IN_PROCESS_MAX_BYTES, 0
+    try:
+        return cfg, train(cfg)
+    finally:
+        data.IN_PROCESS_MAX_BYTES = small
 
 
 @dataclass
