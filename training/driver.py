@@ -236,7 +236,7 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
 
     ``progress=False`` skips the per-report lines (a Tune trial's driver prints nowhere a user looks).
     ``tracker``: a started ``training.tracking.RunTracker`` that gets every report.
-    ``parameter_count``: ``preflight.start_parameter_count``'s answer, when the count was started earlier.
+    ``parameter_count``: ``preflight.start_checks(cfg).parameter_count``, when the count was started earlier.
     ``cfg.scaling.num_workers`` is a number here (``training.scaling.resolve_workers``)."""
     import ray
     import ray.train

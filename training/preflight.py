@@ -242,37 +242,25 @@ def count_parameters(cfg: RunConfig, num_labels: int | None) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _parameter_counts(cfg: RunConfig) -> dict[int | None, int]:
+    """The parameter counts ``_count_for`` needs: with 1 and 2 labels for a task head (it is linear in the label
+    count, so these two give every other exactly), else the one count."""
+    from training.tasks import get_adapter
+
+    return {n: count_parameters(cfg, n) for n in ((1, 2) if get_adapter(cfg).has_labels else (None,))}
+
+
+def _count_for(counts: dict[int | None, int], num_labels: int | None) -> int:
+    if None in counts:
+        return counts[None]
+    return counts[1] + (max(num_labels or 1, 1) - 1) * (counts[2] - counts[1])
+
+
 def start_parameter_count(cfg: RunConfig) -> Callable[[int | None], int]:
     """Count the parameters in a background thread (importing the model's code and building it on the meta
     device takes seconds) while the pre-flight data pass runs in Ray; returns ``count(num_labels)``, which waits
-    for it. The label count is not known yet: a task head is linear in it, so the counts with 1 and 2 labels give
-    every other exactly."""
-    import threading
-
-    from training.tasks import get_adapter
-
-    labelled = get_adapter(cfg).has_labels
-    found: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            found["counts"] = {n: count_parameters(cfg, n) for n in ((1, 2) if labelled else (None,))}
-        except BaseException as exc:  # noqa: BLE001 - raised again by count()
-            found["error"] = exc
-
-    thread = threading.Thread(target=work, name="rayfine-parameter-count", daemon=True)
-    thread.start()
-
-    def count(num_labels: int | None) -> int:
-        thread.join()
-        if "error" in found:
-            raise found["error"]
-        counts = found["counts"]
-        if None in counts:
-            return counts[None]
-        return counts[1] + (max(num_labels or 1, 1) - 1) * (counts[2] - counts[1])
-
-    return count
+    for it (the label count is not known yet)."""
+    return start_checks(cfg, in_process=False).parameter_count
 
 
 @dataclass
@@ -283,33 +271,43 @@ class Checks:
     parameter_count: Callable[[int | None], int]
 
 
-def start_checks(cfg: RunConfig) -> Checks:
-    """Start the parameter count, and for small local data (read in this process, ``summarize_data``) the data
-    pass too, in background threads: called before Ray starts, both run while it does. Larger data waits for the
-    caller's ``summary()``, which reads it in Ray Data tasks then. A problem with the data is raised by
-    ``summary()``."""
+def start_checks(cfg: RunConfig, in_process: bool | None = None) -> Checks:
+    """Start the parameter count in a background thread, and for small local data (read in this process,
+    ``summarize_data``; ``in_process`` forces the choice) the data pass before it in the same thread: called
+    before Ray starts, both run while it does. One thread, because transformers' lazily loaded modules are not
+    safe to load from two threads at once. Larger data is read by ``summary()``, in Ray Data tasks, while the
+    count goes on. A problem with the data is raised by ``summary()``."""
     import threading
 
-    splits = Splits(cfg)
-    parameter_count = start_parameter_count(cfg)
-    if not small_and_local(splits.train + (splits.validation or []) + (splits.test or [])):
-        return Checks(lambda: summarize_data(cfg), parameter_count)
+    if in_process is None:
+        splits = Splits(cfg)
+        in_process = small_and_local(splits.train + (splits.validation or []) + (splits.test or []))
     found: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            found["summary"] = summarize_data(cfg)
-        except BaseException as exc:  # noqa: BLE001 - raised again by summary()
+            if in_process:
+                found["summary"] = summarize_data(cfg)
+            found["counts"] = _parameter_counts(cfg)
+        except BaseException as exc:  # noqa: BLE001 - raised again by summary() or parameter_count()
             found["error"] = exc
 
     thread = threading.Thread(target=work, name="rayfine-preflight", daemon=True)
     thread.start()
 
     def summary() -> DataSummary:
+        if not in_process:
+            return summarize_data(cfg)
+        thread.join()
+        if "summary" not in found:
+            raise found["error"]
+        return found["summary"]
+
+    def parameter_count(num_labels: int | None) -> int:
         thread.join()
         if "error" in found:
             raise found["error"]
-        return found["summary"]
+        return _count_for(found["counts"], num_labels)
 
     return Checks(summary, parameter_count)
 
