@@ -262,14 +262,16 @@ class RunTracker:
         self.wandb.finish(exit_code=1 if failed else 0)
 
     def end_children(self, trial_dirs: list[Path]) -> None:
-        """Mark the child runs that are still running (trials ASHA stopped: Tune ends their process) KILLED."""
+        """Mark the child runs of the trials ASHA stopped KILLED: Tune ends their process, which leaves the run
+        RUNNING, or ended (FAILED, or FINISHED when its Train run returned) if the trial got as far as ending it on
+        the way out."""
         if self.mlflow is None:
             return
 
         def end() -> None:
             for trial_dir in trial_dirs:
                 run_id = RunTracker(self.cfg, trial_dir).saved_run_id()
-                if run_id and self.mlflow.get_run(run_id).info.status == "RUNNING":
+                if run_id and self.mlflow.get_run(run_id).info.status != "KILLED":
                     self.mlflow.set_terminated(run_id, "KILLED")
 
         self._guard("MLflow", end)
