@@ -313,6 +313,10 @@ class Splits:
         self.test = expand_inputs(d.test, d.format, "data.test")
         self.carve = d.validation_split if not self.validation else 0.0
 
+    def read_in_driver(self) -> bool:
+        """Whether this run's files are small and local enough to read in the driver (``small_and_local``)."""
+        return small_and_local(self.train + (self.validation or []) + (self.test or []))
+
     def records(self, split: str):
         if split == "train":
             return build_records(self.train, self.cfg, self.carve, keep="train")

@@ -17,7 +17,7 @@ import numpy as np
 
 from core.config import RunConfig
 from core.errors import UserError
-from training.data import Splits, build_records, process_tokenizer, read_in_process, small_and_local
+from training.data import Splits, build_records, process_tokenizer, read_in_process
 from training.scaling import resolve_workers, workers_text
 from training.tasks.base import LabelSpace
 
@@ -161,7 +161,7 @@ def summarize_data(cfg: RunConfig) -> DataSummary:
         sources.append(("validation", splits.validation, 0.0))
     if splits.test:
         sources.append(("test", splits.test, 0.0))
-    held: dict[str, dict] | None = {} if small_and_local([f for _, files, _ in sources for f in files]) else None
+    held: dict[str, dict] | None = {} if splits.read_in_driver() else None
     problems, num_problems = [], 0
     result = DataSummary()
     lengths: dict[str, list[int]] = defaultdict(list)
@@ -280,8 +280,7 @@ def start_checks(cfg: RunConfig, in_process: bool | None = None) -> Checks:
     import threading
 
     if in_process is None:
-        splits = Splits(cfg)
-        in_process = small_and_local(splits.train + (splits.validation or []) + (splits.test or []))
+        in_process = Splits(cfg).read_in_driver()
     found: dict[str, Any] = {}
 
     def work() -> None:
