@@ -261,17 +261,18 @@ class RunTracker:
                 self.wandb.summary[f"final_{split}_{name}"] = value
         self.wandb.finish(exit_code=1 if failed else 0)
 
-    def end_children(self, trial_dirs: list[Path]) -> None:
-        """Mark the child runs of the trials ASHA stopped KILLED: Tune ends their process, which leaves the run
-        RUNNING, or ended (FAILED, or FINISHED when its Train run returned) if the trial got as far as ending it on
-        the way out."""
+    def end_children(self, trial_dirs: list[Path], stopped: list[Path]) -> None:
+        """Mark KILLED the child runs left RUNNING (a trial's process ended before its run did) and those of the
+        ``stopped`` trials (ASHA stopped them: Tune ends their process, which may have ended the run FAILED, or
+        FINISHED when its Train run returned, on its way out)."""
         if self.mlflow is None:
             return
 
         def end() -> None:
             for trial_dir in trial_dirs:
                 run_id = RunTracker(self.cfg, trial_dir).saved_run_id()
-                if run_id and self.mlflow.get_run(run_id).info.status != "KILLED":
+                status = self.mlflow.get_run(run_id).info.status if run_id else None
+                if status == "RUNNING" or (status not in (None, "KILLED") and trial_dir in stopped):
                     self.mlflow.set_terminated(run_id, "KILLED")
 
         self._guard("MLflow", end)

@@ -460,7 +460,8 @@ def tune_command(cfg: RunConfig, local: bool = True) -> TuneResult:
                             header=f"no trial of the search in {tune_dir} finished:")
         best = finished[0]
         done = export_best(best, cfg, tune_dir)
-        search.end_children([tune_dir / f"trial_{r.trial_id}" for r in rows if r.status == STOPPED])
+        search.end_children([tune_dir / f"trial_{r.trial_id}" for r in rows],
+                            stopped=[tune_dir / f"trial_{r.trial_id}" for r in rows if r.status == STOPPED])
         best_run = RunTracker(cfg, tune_dir / f"trial_{best.trial_id}").saved_run_id()  # in the search's store
         if best_run:
             search.tag("best_trial", "true", best_run)
