@@ -95,9 +95,10 @@ def start_serve(cfg: ServeConfig) -> int:
         return cfg.port
 
 
-def wait_until_healthy(urls: str | list[str], timeout_s: float, in_a_row: int = 3) -> None:
+def wait_until_healthy(urls: str | list[str], timeout_s: float, in_a_row: int = 6) -> None:
     """Wait until every ``url``/healthz answers 200 ``in_a_row`` rounds in a row, 0.25 s apart: HAProxy reloads
-    its routes when an app is deployed, and a route can answer once, then 404 while the reload settles."""
+    its routes when an app is deployed, and a route can answer once, then 404 while the reload settles (three
+    rounds, 0.75 s, were once not enough: the new app's route answered 404 right after)."""
     import httpx
 
     urls = [urls] if isinstance(urls, str) else urls
