@@ -327,6 +327,17 @@ class ServeConfig(_Section):
     max_models_per_replica: int = Field(
         8, ge=1, description="models one replica of a multi-model app holds at once (`rayfine serve A B ...`, "
         "`rayfine api`); the least recently used is unloaded past it")
+    engine: Literal["auto", "transformers", "sequential"] = Field(
+        "auto", description="causal LM generation: transformers (continuous batching: requests join and leave the "
+        "running batch at every step, paged KV cache), sequential (one sequence at a time), auto (transformers "
+        "where the model's attention supports a paged cache, else sequential)")
+    max_running_sequences: Optional[int] = Field(
+        None, ge=1, description="sequences one causal LM decodes together per step (n > 1 counts n); the rest "
+                                "wait; None = max_ongoing_requests")
+    kv_cache_tokens: Optional[int] = Field(
+        None, ge=1, description="tokens the paged KV cache of one causal LM holds (all sequences together); None = "
+        "room for max_running_sequences sequences of max_input_tokens + max_new_tokens, within 20% of the free "
+        "memory on CPU and 50% of the free GPU memory")
 
     def rules(self) -> list[str]:
         return serve_problems(self)

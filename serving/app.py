@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ class ModelServer:
 
             self.spec = None
             self.catalog = ModelCatalog(models, registry)
-            self.pool = ModelPool(device, self.cfg.max_input_tokens, trust_remote_code)
+            self.pool = ModelPool(device, self.cfg, trust_remote_code)
             self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
             # Serve's model multiplexing: a per-replica LRU cache of loaded models, and routing of requests with
             # the serve_multiplexed_model_id header to a replica that holds (or is loading) that model.
@@ -83,14 +82,13 @@ class ModelServer:
             from serving.pool import Served, build_task_model
 
             self.spec: ModelSpec = load_model_spec(model_dir)
-            self.single = Served(self.spec, build_task_model(self.spec, device, self.cfg.max_input_tokens,
+            self.single = Served(self.spec, build_task_model(self.spec, device, self.cfg,
                                                              trust_remote_code))
             label = self.spec.model_id
         self.api_keys = read_api_key_digests(self.cfg.api_keys_env)  # digests only
         self.telemetry = Telemetry(label)
         self.access_log = access_logger()
         self.in_flight = 0
-        self._generation = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # requests' inputs, off the loop
         self._predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -206,31 +204,26 @@ class ModelServer:
                 outputs[i] = (result, info)
         return outputs
 
-    # ---- causal LM: one generation at a time, in a worker thread --------------------------------------
+    # ---- causal LM: the model's generation engine batches the requests' decoding steps -----------------
     async def generate(self, served, prompt_ids: list[int], params, deadline: float) -> AsyncIterator[Any]:
-        """Text deltas then a ``Finished``, produced in the worker thread and handed to this loop."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-        done = object()
+        """Text deltas then a ``Finished`` (``serving.generation.Generator.stream``), with their metrics."""
+        from serving.generation import Timing
 
-        def work() -> None:
-            try:
-                for event in served.model.generate(prompt_ids, params, deadline, cancelled):
-                    loop.call_soon_threadsafe(queue.put_nowait, event)
-            except BaseException as exc:  # handed to the request, which answers with the error shape
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        loop.run_in_executor(self._generation, work)
+        model, timing = served.model, Timing(time.monotonic())
         try:
-            while (event := await queue.get()) is not done:
-                if isinstance(event, BaseException):
-                    raise event
+            async for event in model.stream(prompt_ids, params, deadline, timing):
+                self.telemetry.set_sequences(served.spec.model_id, model.running, model.waiting)
                 yield event
         finally:
-            cancelled.set()  # client gone or error: stop generating
+            self.telemetry.record_generation(served.spec.model_id, timing)
+            self.telemetry.set_sequences(served.spec.model_id, model.running, model.waiting)
+
+    def check_health(self) -> None:
+        """Serve's health check: a causal LM whose engine thread died fails it, and Serve replaces the replica."""
+        loaded = self.pool.loaded.values() if self.multi else [self.single]
+        for served in list(loaded):
+            if served.spec.task == "causal_lm" and not served.model.engine.alive():
+                raise RuntimeError(f"{served.spec.model_id}: the generation engine has stopped")
 
 
 @dataclass(frozen=True)

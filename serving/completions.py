@@ -1,13 +1,16 @@
 """OpenAI ``/v1/chat/completions`` and ``/v1/completions`` for causal LMs, streaming as server-sent events.
 
-A stream is ``data: {chunk}`` frames and a final ``data: [DONE]``. ``n`` choices are generated one after
-another (streamed in order, each with its ``index``); choice ``i`` samples with seed ``seed + i``.
+A stream is ``data: {chunk}`` frames and a final ``data: [DONE]``. The ``n`` choices of a request (of each prompt
+of a completions request) are generated together, in the engine's batch, and streamed as their tokens come, each
+chunk with its choice's ``index``; choice ``i`` samples with seed ``seed + i``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
@@ -15,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from core.openai_errors import error_body
 from serving.errors import ServingError, check_characters, check_input_count
-from serving.generation import Finished, SamplingParams
+from serving.generation import Finished
 from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -27,6 +30,7 @@ from serving.protocol import (
     new_id,
     usage_chunk,
 )
+from serving.sampling import SamplingParams
 
 ENDPOINT_CHAT = "/v1/chat/completions"
 ENDPOINT_COMPLETIONS = "/v1/completions"
@@ -81,26 +85,55 @@ async def _respond(server, served, body, prompts: list[list[int]], deadline: flo
         events = _stream(server, served, rid, model, prompts, jobs, deadline, chat, include_usage)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    choices, completion_tokens = [], 0
-    for index, ids, params in jobs:
-        parts, finished = [], None
-        async for event in server.generate(served, ids, params, deadline):
-            if isinstance(event, Finished):
-                finished = event
+    parts: dict[int, list[str]] = {index: [] for index, _, _ in jobs}
+    finished: dict[int, Finished] = {}
+    async with aclosing(_merged(server, served, jobs, deadline)) as events:
+        async for index, event in events:
+            if not isinstance(event, Finished):
+                parts[index].append(event)
+            elif event.reason == "timeout":
+                raise ServingError(408, f"Generation took longer than {server.cfg.request_timeout_s}s "
+                                        "(serve.request_timeout_s).", code="request_timeout")
             else:
-                parts.append(event)
-        if finished.reason == "timeout":
-            raise ServingError(408, f"Generation took longer than {server.cfg.request_timeout_s}s "
-                                    "(serve.request_timeout_s).", code="request_timeout")
-        completion_tokens += finished.completion_tokens
-        text = "".join(parts)
+                finished[index] = event
+    completion_tokens = sum(f.completion_tokens for f in finished.values())
+    choices = []
+    for index in sorted(parts):
+        text = "".join(parts[index])
         if not chat and body.echo:
             text = body.prompts()[index // body.n] + text
-        choices.append({"index": index, "text": text, "finish_reason": finished.reason})
+        choices.append({"index": index, "text": text, "finish_reason": finished[index].reason})
     server.telemetry.record_tokens(model, ENDPOINT_CHAT if chat else ENDPOINT_COMPLETIONS, completion_tokens)
     usage = _usage(prompts, completion_tokens)
     build = chat_response if chat else completion_response
     return JSONResponse(build(rid, model, choices, usage))
+
+
+async def _merged(server, served, jobs, deadline: float) -> AsyncIterator[tuple[int, Any]]:
+    """``(choice index, event)`` of all choices as they come; every choice ends with its ``Finished``. Closing
+    this (a client that went away, an error, a timeout) cancels the choices still generating."""
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, ids: list[int], params: SamplingParams) -> None:
+        try:
+            async for event in server.generate(served, ids, params, deadline):
+                events.put_nowait((index, event))
+        except Exception as exc:  # handed to the request, which answers with the error shape
+            events.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(*job)) for job in jobs]
+    try:
+        remaining = len(jobs)
+        while remaining:
+            index, event = await events.get()
+            if isinstance(event, Exception):
+                raise event
+            yield index, event
+            if isinstance(event, Finished):
+                remaining -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _usage(prompts: list[list[int]], completion_tokens: int) -> Usage:
@@ -112,25 +145,25 @@ def _usage(prompts: list[list[int]], completion_tokens: int) -> Usage:
 async def _stream(server, served, rid: str, model: str, prompts: list[list[int]], jobs, deadline: float,
                   chat: bool, include_usage: bool) -> AsyncIterator[str]:
     completion_tokens = 0
+    events = _merged(server, served, jobs, deadline)
     try:
-        for index, ids, params in jobs:
-            if chat:
+        if chat:
+            for index, _, _ in jobs:
                 yield _sse(chat_chunk(rid, model, index, {"role": "assistant", "content": ""}))
-            async for event in server.generate(served, ids, params, deadline):
-                if isinstance(event, Finished):
-                    completion_tokens += event.completion_tokens
-                    if event.reason == "timeout":
-                        yield _sse(error_body(f"Generation took longer than {server.cfg.request_timeout_s}s "
-                                              "(serve.request_timeout_s).", "timeout_error", None,
-                                              "request_timeout"))
-                        yield "data: [DONE]\n\n"
-                        return
-                    yield _sse(chat_chunk(rid, model, index, {}, event.reason) if chat
-                               else completion_chunk(rid, model, index, "", event.reason))
-                elif chat:
-                    yield _sse(chat_chunk(rid, model, index, {"content": event}))
-                else:
-                    yield _sse(completion_chunk(rid, model, index, event))
+        async for index, event in events:
+            if isinstance(event, Finished):
+                completion_tokens += event.completion_tokens
+                if event.reason == "timeout":
+                    yield _sse(error_body(f"Generation took longer than {server.cfg.request_timeout_s}s "
+                                          "(serve.request_timeout_s).", "timeout_error", None, "request_timeout"))
+                    yield "data: [DONE]\n\n"
+                    return
+                yield _sse(chat_chunk(rid, model, index, {}, event.reason) if chat
+                           else completion_chunk(rid, model, index, "", event.reason))
+            elif chat:
+                yield _sse(chat_chunk(rid, model, index, {"content": event}))
+            else:
+                yield _sse(completion_chunk(rid, model, index, event))
         if include_usage:
             usage = _usage(prompts, completion_tokens)
             obj = "chat.completion.chunk" if chat else "text_completion"
@@ -140,6 +173,7 @@ async def _stream(server, served, rid: str, model: str, prompts: list[list[int]]
         yield _sse(exc.body())
         yield "data: [DONE]\n\n"
     finally:
+        await events.aclose()  # a client that went away: its choices leave the engine's batch
         server.telemetry.record_tokens(model, ENDPOINT_CHAT if chat else ENDPOINT_COMPLETIONS, completion_tokens)
 
 

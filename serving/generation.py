@@ -1,68 +1,88 @@
-"""Causal LM generation: chat templates, sampling, stop sequences, streaming. No HTTP here.
+"""Causal LM generation: chat templates, prompts, and the text of a request's generated tokens. No HTTP here.
 
-One sequence is generated at a time per replica, in a worker thread (so the replica's event loop keeps
-serving other requests and streams); more throughput comes from more replicas. The request path and the
-worker each own a tokenizer: a fast tokenizer shared across threads raises "Already borrowed".
+The tokens come from the model's engine (``serving.engine``: continuous batching, or one sequence at a time),
+which runs in its own thread. ``Generator.stream`` turns a request's token updates into text deltas on the
+replica's event loop: it cuts at stop sequences (which may span tokens), holds back what could be the start of
+one and half-decoded UTF-8, ends at the deadline, and cancels the request in the engine when the client goes
+away, so its slot frees at the next step. The request path owns one tokenizer for prompts and one for decoding
+(``serving.tokenizers``): a fast tokenizer shared across threads raises "Already borrowed".
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import itertools
+import logging
 import time
-from dataclasses import dataclass, field
-from typing import Iterator, Optional
-
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 from core.model_folder import DEFAULT_CHAT_TEMPLATE
+from serving.engine import Engine, EnginePlan, SequentialEngine, Update, free_memory_bytes, plan_engine
 from serving.errors import ServingError, input_too_long
 from serving.model_folder import ModelSpec
+from serving.sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from core.config import ServeConfig
 
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: Optional[int] = None
+logger = logging.getLogger(__name__)
+
+__all__ = ["Finished", "Generator", "SamplingParams"]
+_request_ids = itertools.count()
 
 
 @dataclass
 class Finished:
     """The last event of a generation."""
 
-    reason: str  # "stop" (EOS or a stop sequence), "length" (max_tokens), "timeout" (deadline or cancel)
+    reason: str  # "stop" (EOS or a stop sequence), "length" (max_tokens), "timeout" (deadline)
     completion_tokens: int
 
 
-class Generator:
-    """A causal LM with its tokenizers and chat template."""
+@dataclass
+class Timing:
+    """When a request's tokens came: for time to first token and inter-token latency."""
 
-    def __init__(self, spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool,
-                 weights=None):
+    submitted: float
+    first: Optional[float] = None
+    last: Optional[float] = None
+    tokens: int = 0
+
+
+class Generator:
+    """A causal LM with its tokenizers, chat template and generation engine."""
+
+    def __init__(self, spec: ModelSpec, device: str, serve: "ServeConfig", trust_remote_code: bool, weights=None):
         from transformers import AutoModelForCausalLM
 
         from serving.tokenizers import shared_tokenizer
 
-        load = dict(trust_remote_code=trust_remote_code)
         self.tokenizer = shared_tokenizer(spec.path, "loop", trust_remote_code)  # request path: prompts
-        self._worker_tokenizer = shared_tokenizer(spec.path, "worker", trust_remote_code)  # worker: decoding
+        self._decoder = shared_tokenizer(spec.path, "decode", trust_remote_code)  # request path: generated text
         # ``weights``: a model already loaded (a LoRA adapter on a shared base, serving.pool)
-        self.model = weights if weights is not None else AutoModelForCausalLM.from_pretrained(
-            spec.path, use_safetensors=True, **load)
-        self.model = self.model.to(device).eval()
-        self.device = device
+        model = weights if weights is not None else AutoModelForCausalLM.from_pretrained(
+            spec.path, use_safetensors=True, trust_remote_code=trust_remote_code)
+        self.model = model.to(device).eval()
         self.chat_template = self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         config = self.model.config
         self.context_length = int(getattr(config, "max_position_embeddings", None)
                                   or getattr(config, "n_positions", None) or 2048)
-        self.max_input_tokens = min(max_input_tokens, self.context_length - 1)
+        self.max_input_tokens = min(serve.max_input_tokens, self.context_length - 1)
         eos = self.model.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        # Serialises the model: the worker thread is the only one that runs it.
-        self.lock = threading.Lock()
+        paged = bool(getattr(self.model, "_supports_attention_backend", False))  # transformers' attention interface
+        self.plan = plan_engine(serve, config, self.context_length, self.model.dtype.itemsize,
+                                free_memory_bytes(device), device, paged)
+        self.engine = build_engine(self.plan, self.model, self.eos_ids, device)
+        self.waiting = 0  # submitted, no token yet
+        self.running = 0  # generating
+        logger.info("%s: %s", spec.model_id, self.plan.describe())
+
+    def close(self) -> None:
+        """Stop the engine (the model is being unloaded)."""
+        self.engine.close()
 
     # ---- request path (event loop thread) ------------------------------------------------------------
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -90,60 +110,118 @@ class Generator:
                                param="max_tokens", code="context_length_exceeded")
         return requested
 
-    # ---- worker thread --------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], params: SamplingParams, deadline: float,
-                 cancelled: threading.Event) -> Iterator[str | Finished]:
-        """Yield text deltas, then one ``Finished``. Stops early at ``deadline`` (monotonic) or on cancel."""
-        with self.lock, torch.inference_mode():
-            yield from self._decode_loop(prompt_ids, params, deadline, cancelled)
+    # ---- generation ----------------------------------------------------------------------------------
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, deadline: float,
+                     timing: Optional[Timing] = None) -> AsyncIterator[str | Finished]:
+        """Yield text deltas, then one ``Finished``. Ends at ``deadline`` (monotonic); a consumer that stops
+        iterating (the client went away) cancels the request in the engine."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        request_id = f"gen-{next(_request_ids)}"
+        timing = timing or Timing(time.monotonic())
+        text = _Text(self._decoder, params.stop, self.eos_ids)
+        finished = False
+        self.waiting += 1
+        self.engine.submit(request_id, prompt_ids, params, _deliver_to(loop, updates))
+        try:
+            while True:
+                update = await _next_update(updates, deadline)
+                if update is None:
+                    if text.pending:
+                        yield text.pending
+                    yield Finished("timeout", text.count)
+                    return
+                if update.error:
+                    raise ServingError(500, f"Generation failed: {update.error}", code="generation_failed")
+                if timing.first is None and update.tokens:
+                    timing.first = time.monotonic()
+                    self.waiting -= 1
+                    self.running += 1
+                timing.last, timing.tokens = time.monotonic(), len(update.tokens)
+                delta, reason = text.advance(update.tokens, update.done)
+                if delta:
+                    yield delta
+                if reason is not None:
+                    finished = True
+                    yield Finished(reason, text.count)
+                    return
+        finally:
+            if timing.first is None:
+                self.waiting -= 1
+            else:
+                self.running -= 1
+            if not finished or text.stopped_early:
+                self.engine.cancel(request_id)  # client gone, deadline, or a stop sequence: free the slot
 
-    def _decode_loop(self, prompt_ids, params, deadline, cancelled) -> Iterator[str | Finished]:
-        rng = torch.Generator()
-        rng.manual_seed(params.seed) if params.seed is not None else rng.seed()
-        holdback = max((len(s) for s in params.stop), default=1) - 1
-        ids = torch.tensor([prompt_ids], device=self.device)
-        past, generated, text, sent, reason = None, [], "", 0, "length"
-        for _ in range(params.max_tokens):
-            if cancelled.is_set() or time.monotonic() > deadline:
-                reason = "timeout"
-                break
-            out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            token = sample(out.logits[0, -1].float().cpu(), params.temperature, params.top_p, rng)
-            if token in self.eos_ids:
-                reason = "stop"
-                break
-            generated.append(token)
-            text = self._worker_tokenizer.decode(generated, skip_special_tokens=True)
-            cut = _first_stop(text, params.stop)
-            if cut is not None:
-                text, reason = text[:cut], "stop"
-                break
-            # Hold back what could be the start of a stop sequence, and half-decoded UTF-8.
-            safe = min(len(text) - holdback, len(text.rstrip("\ufffd")))
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-            ids = torch.tensor([[token]], device=self.device)
-        if len(text) > sent:
-            yield text[sent:]
-        yield Finished(reason, len(generated))
+
+def build_engine(plan: EnginePlan, model, eos_ids: set[int], device: str) -> Engine:
+    if plan.engine == "sequential":
+        return SequentialEngine(model, eos_ids, device)
+    from serving.batching import TransformersEngine  # imports transformers' continuous batching
+
+    return TransformersEngine(model, eos_ids, plan)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator) -> int:
-    """Greedy at temperature 0, else nucleus sampling (the smallest set of tokens with mass >= top_p)."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    # In float64 (a float32 tensor would round a temperature below ~1e-45 to 0) and shifted so the largest logit
-    # is 0: a temperature near 0 sends the others to -inf (probability 0), never to inf - inf = NaN, so it
-    # samples like greedy instead of failing.
-    logits = logits.double()
-    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=rng))
+def _deliver_to(loop: asyncio.AbstractEventLoop, updates: asyncio.Queue):
+    """What an engine calls from its thread with a request's updates."""
+    def deliver(update: Update) -> None:
+        try:
+            loop.call_soon_threadsafe(updates.put_nowait, update)
+        except RuntimeError:  # the loop is closed (the replica is shutting down): nobody waits for this request
+            pass
+
+    return deliver
+
+
+async def _next_update(updates: asyncio.Queue, deadline: float) -> Optional[Update]:
+    """The newest update, or None at the deadline. Each update holds every token so far, so a consumer that fell
+    behind skips to the last one."""
+    try:
+        update = await asyncio.wait_for(updates.get(), max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        return None
+    while not updates.empty():
+        update = updates.get_nowait()
+    return update
+
+
+class _Text:
+    """The text of one request's tokens, released as deltas."""
+
+    def __init__(self, decoder, stops: list[str], eos_ids: set[int]):
+        self._decoder, self._stops, self._eos_ids = decoder, stops, eos_ids
+        self._holdback = max((len(s) for s in stops), default=1) - 1
+        self._text, self._sent = "", 0
+        self.count = 0  # completion tokens: generated tokens, an EOS token not counted
+        self.stopped_early = False  # a stop sequence ended it while the engine still generates
+
+    @property
+    def pending(self) -> str:
+        return self._text[self._sent:]
+
+    def advance(self, tokens: list[int], done: bool) -> tuple[str, Optional[str]]:
+        """The new text to send, and the finish reason once the request is over."""
+        eos = bool(tokens) and tokens[-1] in self._eos_ids
+        tokens = tokens[:-1] if eos else tokens
+        self.count = len(tokens)
+        text = self._decoder.decode(tokens, skip_special_tokens=True)
+        cut = _first_stop(text, self._stops)
+        if cut is not None:
+            self._text = text[:cut]
+            self.stopped_early = not done
+            return self._release(len(self._text)), "stop"
+        self._text = text
+        if eos or done:
+            return self._release(len(text)), "stop" if eos else "length"
+        # Hold back what could be the start of a stop sequence, and half-decoded UTF-8.
+        return self._release(min(len(text) - self._holdback, len(text.rstrip("\ufffd")))), None
+
+    def _release(self, upto: int) -> str:
+        if upto <= self._sent:
+            return ""
+        delta, self._sent = self._text[self._sent:upto], upto
+        return delta
+
 
 
 def _first_stop(text: str, stops: list[str]) -> Optional[int]:

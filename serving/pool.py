@@ -16,10 +16,13 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from core.model_folder import read_json_object
 from serving.model_folder import ModelSpec
+
+if TYPE_CHECKING:
+    from core.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +118,9 @@ class AdapterView:
 class ModelPool:
     """Loads ``Served`` models for one replica; keeps the shared bases and counts loads and evictions."""
 
-    def __init__(self, device: str, max_input_tokens: int, trust_remote_code: bool):
+    def __init__(self, device: str, serve: "ServeConfig", trust_remote_code: bool):
         self.device = device
-        self.max_input_tokens = max_input_tokens
+        self.serve = serve
         self.trust_remote_code = trust_remote_code
         self.bases: dict[tuple, SharedBase] = {}
         self.loaded: dict[str, Served] = {}
@@ -131,8 +134,14 @@ class ModelPool:
         if spec.adapter:
             served = self._load_adapter(spec)
         else:
-            served = Served(spec, build_task_model(spec, self.device, self.max_input_tokens, self.trust_remote_code))
-            served._release = lambda: self._forget(spec.model_id)
+            model = build_task_model(spec, self.device, self.serve, self.trust_remote_code)
+            served = Served(spec, model)
+
+            def release() -> None:
+                close_task_model(spec, model)
+                self._forget(spec.model_id)
+
+            served._release = release
         with self._lock:
             self.loaded[spec.model_id] = served
             self.loads += 1
@@ -160,13 +169,14 @@ class ModelPool:
         name = f"adapter{next(self._names)}"
         base.add(name, spec.model_id, str(spec.path))
         try:
-            model = build_task_model(spec, self.device, self.max_input_tokens, self.trust_remote_code,
+            model = build_task_model(spec, self.device, self.serve, self.trust_remote_code,
                                      weights=AdapterView(base, name))
         except BaseException:
             self._release_adapter(key, base, name)
             raise
 
         def release() -> None:
+            close_task_model(spec, model)  # its engine's thread first: it runs the adapter on the base
             self._release_adapter(key, base, name)
             self._forget(spec.model_id)
 
@@ -194,12 +204,18 @@ class ModelPool:
                 "evictions": self.evictions, "rss_bytes": psutil.Process().memory_info().rss}
 
 
-def build_task_model(spec: ModelSpec, device: str, max_input_tokens: int, trust_remote_code: bool, weights=None):
+def build_task_model(spec: ModelSpec, device: str, serve: "ServeConfig", trust_remote_code: bool, weights=None):
     """The task model of ``spec``; ``weights``: its model already loaded (serving.pool's LoRA adapters)."""
     if spec.task == "causal_lm":
         from serving.generation import Generator
 
-        return Generator(spec, device, max_input_tokens, trust_remote_code, weights)
+        return Generator(spec, device, serve, trust_remote_code, weights)
     from serving.encoders import ENCODER_TASKS
 
-    return ENCODER_TASKS[spec.task](spec, device, max_input_tokens, trust_remote_code, weights)
+    return ENCODER_TASKS[spec.task](spec, device, serve.max_input_tokens, trust_remote_code, weights)
+
+
+def close_task_model(spec: ModelSpec, model: Any) -> None:
+    """Stop what a task model runs besides its weights: a causal LM's generation engine (a thread and a cache)."""
+    if spec.task == "causal_lm":
+        model.close()

@@ -22,6 +22,7 @@ from contextvars import ContextVar
 from typing import Any, Optional
 
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+INTER_TOKEN_BOUNDARIES_MS = [1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 # Paths we tag metrics with; anything else is "other", so scanners cannot blow up label cardinality.
@@ -60,6 +61,19 @@ class Telemetry:
         self.in_flight = metrics.Gauge(
             "rayfine_serve_requests_in_flight", "Requests inside this replica's app right now.",
             tag_keys=("model",))
+        # causal LMs: the generation engine's load and speed (tokens/s: rate() of generated_tokens_total)
+        self.running = metrics.Gauge(
+            "rayfine_serve_running_sequences", "Sequences generating in this replica's engine now.",
+            tag_keys=("model",))
+        self.waiting = metrics.Gauge(
+            "rayfine_serve_waiting_sequences", "Sequences submitted to the engine that have no token yet.",
+            tag_keys=("model",))
+        self.first_token = metrics.Histogram(
+            "rayfine_serve_time_to_first_token_ms", "Time from a sequence's submission to its first token, in ms.",
+            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("model",))
+        self.inter_token = metrics.Histogram(
+            "rayfine_serve_inter_token_latency_ms", "Mean time between a sequence's tokens after the first, in ms.",
+            boundaries=INTER_TOKEN_BOUNDARIES_MS, tag_keys=("model",))
         # multi-model apps: what each replica holds, and the cost of loading on demand
         self.models_loaded = metrics.Gauge(
             "rayfine_serve_models_loaded", "Models held by this replica of a multi-model app.", tag_keys=("app",))
@@ -87,6 +101,19 @@ class Telemetry:
     def record_tokens(self, model: str, endpoint: str, n: int) -> None:
         if n:
             self.tokens.inc(n, tags={"model": model, "endpoint": endpoint})
+
+    def set_sequences(self, model: str, running: int, waiting: int) -> None:
+        self.running.set(running, tags={"model": model})
+        self.waiting.set(waiting, tags={"model": model})
+
+    def record_generation(self, model: str, timing) -> None:
+        """One sequence's latencies (``serving.generation.Timing``)."""
+        if timing.first is None:
+            return
+        self.first_token.observe((timing.first - timing.submitted) * 1000, tags={"model": model})
+        if timing.tokens > 1:
+            gap_ms = (timing.last - timing.first) * 1000 / (timing.tokens - 1)
+            self.inter_token.observe(gap_ms, tags={"model": model})
 
     def record_load(self, model: str, seconds: float, loaded: int, evictions: int) -> None:
         self.loads.inc(tags={"model": model})

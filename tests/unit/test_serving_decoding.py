@@ -105,7 +105,7 @@ def test_evaluate_endpoint_errors_are_one_line_each(tmp_path, capsys):
 
 
 def test_a_temperature_near_zero_samples_the_greedy_token():
-    from serving.generation import sample
+    from serving.sampling import sample
 
     logits = torch.randn(64, generator=torch.Generator().manual_seed(0))
     rng = torch.Generator().manual_seed(1)

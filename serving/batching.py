@@ -1,0 +1,141 @@
+"""Continuous batching with transformers' ``ContinuousBatchingManager`` (checked against transformers 5.23.0).
+
+The manager runs one background thread per model: each step it takes the waiting requests that fit the batch and
+the paged KV cache, runs one forward pass over all of them (prompt tokens of new requests and one token of each
+running one, packed into one sequence with a paged-attention mask), and appends the next token to each. A
+cancelled request leaves at the next step and its cache pages are freed.
+
+Per-request sampling: the manager samples with one set of parameters for the whole batch and the process-wide
+random stream. ``RequestSampler`` replaces its logits processors: it draws the token of every sampling request
+with that request's temperature, top_p and own ``torch.Generator`` (``serving.sampling.sample``, the function the
+sequential engine uses) and leaves the manager nothing to choose but that token; greedy requests keep the
+manager's argmax. So a seed gives the same text alone or in a batch.
+
+What this relies on beyond the documented entry points (``add_request``, ``cancel_request``,
+``register_result_handler``, ``stop``): the ``logit_processor`` attribute that the manager hands to its batch
+processor when it starts, the ``ContinuousBatchingLogitsProcessor`` interface, and ``output_router``'s handler
+table (a cancelled request's handler is removed from it, as the manager does for a finished one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingLogitsProcessorList,
+)
+
+from serving.engine import Deliver, EnginePlan, Update
+from serving.sampling import SamplingParams, sample
+
+logger = logging.getLogger(__name__)
+
+LATE_OUTPUT_GRACE_S = 60.0  # a cancelled request's handler outlives the step that was running when it left
+
+
+class RequestSampler(ContinuousBatchingLogitsProcessor):
+    """Chooses the next token of each sampling request in the batch; runs in the manager's thread."""
+
+    supported_kwargs: dict[str, type] = {"draw": object}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._draws: list[Optional[Callable[[torch.Tensor], int]]] = []
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
+        # The rows of the next forward pass's logits, in this order (the manager runs prepare and forward in turn).
+        self._draws = [r.state.logit_processor_kwargs.get("draw") for r in requests_with_new_token]
+        return torch.zeros(len(self._draws), dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        for row, draw in enumerate(self._draws):
+            if draw is not None:  # None: greedy, the manager's argmax picks the token
+                token = draw(scores[row])
+                scores[row].fill_(float("-inf"))
+                scores[row, token] = 0.0
+        return scores
+
+
+def _drawer(params: SamplingParams) -> Optional[Callable[[torch.Tensor], int]]:
+    if params.greedy:
+        return None
+    rng = params.generator()
+    return lambda logits: sample(logits, params.temperature, params.top_p, rng)
+
+
+class TransformersEngine:
+    """The continuous-batching engine of one model (its ``Engine`` interface: ``serving.engine``)."""
+
+    name = "transformers"
+
+    def __init__(self, model: Any, eos_ids: set[int], plan: EnginePlan):
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+        from transformers.generation.continuous_batching import ContinuousBatchingManager
+        from transformers.generation.logits_process import LogitsProcessorList
+
+        generation = GenerationConfig(do_sample=False, eos_token_id=sorted(eos_ids) or -1)
+        batching = ContinuousBatchingConfig(
+            page_size=plan.page_size, num_blocks=plan.kv_cache_tokens // plan.page_size,
+            max_batch_tokens=plan.max_batch_tokens, max_requests_per_batch=plan.max_running,
+            use_async_batching=False)  # RequestSampler needs each batch prepared right before its forward pass
+        # Built directly, not with model.init_continuous_batching: a LoRA adapter's model is a view of a shared
+        # base (serving.pool.AdapterView) whose forward activates the adapter; the base's method would bypass it.
+        self.manager = ContinuousBatchingManager(model, generation, batching)
+        processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList([RequestSampler()]))
+        processors.tensors_required = 1  # the sampler's argument row (unused: it keeps its rows itself)
+        self.manager.logit_processor = processors
+        self._live: set[str] = set()
+        self.manager.start()
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, deliver: Deliver) -> None:
+        def on_output(output) -> None:  # on the event loop
+            if request_id not in self._live:
+                return  # cancelled: an output of the step that was running then
+            done = output.is_finished()
+            if done:
+                self._live.discard(request_id)
+            deliver(Update(list(output.generated_tokens), done, output.error))
+
+        self._live.add(request_id)
+        self.manager.register_result_handler(request_id, on_output)
+        accepted = self.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=params.max_tokens,
+                                            streaming=True, draw=_drawer(params))
+        if accepted is None:
+            self._live.discard(request_id)
+            self._drop_handler(request_id)
+            deliver(Update([], True, "the generation engine is stopping"))
+
+    def cancel(self, request_id: str) -> None:
+        if request_id not in self._live:
+            return
+        self._live.discard(request_id)
+        self.manager.cancel_request(request_id)
+        try:
+            asyncio.get_running_loop().call_later(LATE_OUTPUT_GRACE_S, self._drop_handler, request_id)
+        except RuntimeError:  # not on the loop (an abandoned stream collected later): no output can follow unseen
+            self._drop_handler(request_id)
+
+    def _drop_handler(self, request_id: str) -> None:
+        router = self.manager.output_router
+        with router._lock:
+            router.result_handlers.pop(request_id, None)
+
+    def alive(self) -> bool:
+        return self.manager.is_running()
+
+    def close(self) -> None:
+        """Stop the manager's thread; requests still in it end without output (their consumers are gone: the
+        model is unloaded once no request uses it)."""
+        self._live.clear()
+        router = self.manager.output_router
+        with router._lock:
+            router.result_handlers.clear()  # nothing is delivered to a loop that may be closed by now
+        if self.manager.is_running():
+            self.manager.stop(block=True, timeout=30, hard_stop=True)
