@@ -210,9 +210,9 @@ class ModelServer:
         from serving.generation import Timing
 
         model, timing = served.model, Timing(time.monotonic())
+        self.telemetry.set_sequences(served.spec.model_id, model.running, model.waiting + 1)
         try:
             async for event in model.stream(prompt_ids, params, deadline, timing):
-                self.telemetry.set_sequences(served.spec.model_id, model.running, model.waiting)
                 yield event
         finally:
             self.telemetry.record_generation(served.spec.model_id, timing)

@@ -11,10 +11,11 @@ with that request's temperature, top_p and own ``torch.Generator`` (``serving.sa
 sequential engine uses) and leaves the manager nothing to choose but that token; greedy requests keep the
 manager's argmax. So a seed gives the same text alone or in a batch.
 
-What this relies on beyond the documented entry points (``add_request``, ``cancel_request``,
-``register_result_handler``, ``stop``): the ``logit_processor`` attribute that the manager hands to its batch
-processor when it starts, the ``ContinuousBatchingLogitsProcessor`` interface, and ``output_router``'s handler
-table (a cancelled request's handler is removed from it, as the manager does for a finished one).
+What this relies on beyond the documented entry points (``add_request``, ``cancel_request``, ``stop``): the
+``logit_processor`` attribute that the manager hands to its batch processor when it starts, the
+``ContinuousBatchingLogitsProcessor`` interface, and ``output_router``: its handler table (what
+``register_result_handler`` fills; written here so that a closed loop cannot fail the manager's thread, and
+emptied of cancelled requests) and its queue of outputs that have no handler.
 """
 
 from __future__ import annotations
@@ -33,9 +34,6 @@ from serving.engine import Deliver, EnginePlan, Update
 from serving.sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)
-
-LATE_OUTPUT_GRACE_S = 60.0  # a cancelled request's handler outlives the step that was running when it left
-
 
 class RequestSampler(ContinuousBatchingLogitsProcessor):
     """Chooses the next token of each sampling request in the batch; runs in the manager's thread."""
@@ -70,6 +68,20 @@ def _drawer(params: SamplingParams) -> Optional[Callable[[torch.Tensor], int]]:
     return lambda logits: sample(logits, params.temperature, params.top_p, rng)
 
 
+class _LoopHandle:
+    """An event loop as the manager's output router uses it, except that a closed loop (the replica is shutting
+    down) drops the output instead of raising in the manager's thread, which would fail every request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+
+    def call_soon_threadsafe(self, callback, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass
+
+
 class TransformersEngine:
     """The continuous-batching engine of one model (its ``Engine`` interface: ``serving.engine``)."""
 
@@ -100,32 +112,33 @@ class TransformersEngine:
                 return  # cancelled: an output of the step that was running then
             done = output.is_finished()
             if done:
-                self._live.discard(request_id)
+                self._forget(request_id)
             deliver(Update(list(output.generated_tokens), done, output.error))
 
         self._live.add(request_id)
-        self.manager.register_result_handler(request_id, on_output)
+        router = self.manager.output_router
+        with router._lock:  # what register_result_handler does, with a loop that cannot fail the manager's thread
+            router.result_handlers[request_id] = (on_output, _LoopHandle(asyncio.get_running_loop()))
         accepted = self.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=params.max_tokens,
                                             streaming=True, draw=_drawer(params))
         if accepted is None:
-            self._live.discard(request_id)
-            self._drop_handler(request_id)
+            self._forget(request_id)
             deliver(Update([], True, "the generation engine is stopping"))
 
     def cancel(self, request_id: str) -> None:
-        if request_id not in self._live:
-            return
-        self._live.discard(request_id)
-        self.manager.cancel_request(request_id)
-        try:
-            asyncio.get_running_loop().call_later(LATE_OUTPUT_GRACE_S, self._drop_handler, request_id)
-        except RuntimeError:  # not on the loop (an abandoned stream collected later): no output can follow unseen
-            self._drop_handler(request_id)
+        if request_id in self._live:
+            self._forget(request_id)
+            self.manager.cancel_request(request_id)
 
-    def _drop_handler(self, request_id: str) -> None:
+    def _forget(self, request_id: str) -> None:
+        self._live.discard(request_id)
         router = self.manager.output_router
         with router._lock:
             router.result_handlers.pop(request_id, None)
+        # Outputs without a handler go to the manager's queue: only ever those of a step that was running when its
+        # request was cancelled. Drop them, or they would pile up for the replica's lifetime.
+        while not router.output_queue.empty():
+            router.output_queue.get_nowait()
 
     def alive(self) -> bool:
         return self.manager.is_running()
@@ -136,6 +149,6 @@ class TransformersEngine:
         self._live.clear()
         router = self.manager.output_router
         with router._lock:
-            router.result_handlers.clear()  # nothing is delivered to a loop that may be closed by now
+            router.result_handlers.clear()  # nobody waits for those requests any more
         if self.manager.is_running():
             self.manager.stop(block=True, timeout=30, hard_stop=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 from core.model_folder import DEFAULT_CHAT_TEMPLATE
-from serving.engine import Engine, EnginePlan, SequentialEngine, Update, free_memory_bytes, plan_engine
+from serving.engine import Engine, EnginePlan, SequentialEngine, free_memory_bytes, plan_engine
 from serving.errors import ServingError, input_too_long
 from serving.model_folder import ModelSpec
 from serving.sampling import SamplingParams
@@ -116,17 +116,20 @@ class Generator:
         """Yield text deltas, then one ``Finished``. Ends at ``deadline`` (monotonic); a consumer that stops
         iterating (the client went away) cancels the request in the engine."""
         loop = asyncio.get_running_loop()
-        updates: asyncio.Queue = asyncio.Queue()
+        updates: asyncio.Queue = asyncio.Queue()  # the engine puts its updates here, on this loop
         request_id = f"gen-{next(_request_ids)}"
         timing = timing or Timing(time.monotonic())
         text = _Text(self._decoder, params.stop, self.eos_ids)
         finished = False
+        alarm = loop.call_later(max(0.0, deadline - time.monotonic()), updates.put_nowait, _DEADLINE)
         self.waiting += 1
-        self.engine.submit(request_id, prompt_ids, params, _deliver_to(loop, updates))
+        self.engine.submit(request_id, prompt_ids, params, updates.put_nowait)
         try:
             while True:
-                update = await _next_update(updates, deadline)
-                if update is None:
+                update = await updates.get()
+                while not updates.empty() and update is not _DEADLINE:  # fell behind: each holds all tokens
+                    update = updates.get_nowait()
+                if update is _DEADLINE:
                     if text.pending:
                         yield text.pending
                     yield Finished("timeout", text.count)
@@ -146,6 +149,7 @@ class Generator:
                     yield Finished(reason, text.count)
                     return
         finally:
+            alarm.cancel()
             if timing.first is None:
                 self.waiting -= 1
             else:
@@ -154,35 +158,15 @@ class Generator:
                 self.engine.cancel(request_id)  # client gone, deadline, or a stop sequence: free the slot
 
 
+_DEADLINE = object()
+
+
 def build_engine(plan: EnginePlan, model, eos_ids: set[int], device: str) -> Engine:
     if plan.engine == "sequential":
         return SequentialEngine(model, eos_ids, device)
     from serving.batching import TransformersEngine  # imports transformers' continuous batching
 
     return TransformersEngine(model, eos_ids, plan)
-
-
-def _deliver_to(loop: asyncio.AbstractEventLoop, updates: asyncio.Queue):
-    """What an engine calls from its thread with a request's updates."""
-    def deliver(update: Update) -> None:
-        try:
-            loop.call_soon_threadsafe(updates.put_nowait, update)
-        except RuntimeError:  # the loop is closed (the replica is shutting down): nobody waits for this request
-            pass
-
-    return deliver
-
-
-async def _next_update(updates: asyncio.Queue, deadline: float) -> Optional[Update]:
-    """The newest update, or None at the deadline. Each update holds every token so far, so a consumer that fell
-    behind skips to the last one."""
-    try:
-        update = await asyncio.wait_for(updates.get(), max(0.0, deadline - time.monotonic()))
-    except asyncio.TimeoutError:
-        return None
-    while not updates.empty():
-        update = updates.get_nowait()
-    return update
 
 
 class _Text:
