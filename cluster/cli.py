@@ -149,6 +149,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     where = start_ray(args.address, num_workers=cfg.scaling.workers(), serve_proxy=cfg.serve.proxy)
     print(f"Validating {cfg.output.name} on {where} ...", flush=True)
     run_preflight(cfg, checks)
+    if cfg.task == "causal_lm":
+        from serving.engine import plan_for_model
+
+        plan = plan_for_model(cfg.model.name_or_path, cfg.serve, cfg.model.trust_remote_code)
+        where = "each replica's free GPU memory caps the cache" if cfg.serve.gpus_per_replica else "on this machine"
+        print(f"Serving (generation): {plan.describe()} ({where})", flush=True)
     return 0
 
 

@@ -79,7 +79,7 @@ class EnginePlan:
         if self.engine == "sequential":
             return "sequential (one sequence at a time)"
         return (f"continuous batching (transformers): up to {self.max_running} sequences per step, KV cache "
-                f"{self.kv_cache_tokens} tokens ({self.kv_cache_bytes / 2**20:.0f} MiB), "
+                f"{self.kv_cache_tokens} tokens ({self.kv_cache_bytes / 2**20:.1f} MiB), "
                 f"{self.max_batch_tokens} tokens per forward pass")
 
 
@@ -213,3 +213,20 @@ def _on_loop(loop: asyncio.AbstractEventLoop, deliver: Deliver) -> Deliver:
             pass
 
     return handoff
+
+
+def plan_for_model(name_or_path: str, cfg: ServeConfig, trust_remote_code: bool = False) -> EnginePlan:
+    """The plan a replica would make for this model on this machine (``rayfine validate``), from its config alone."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype_bytes = getattr(dtype, "itemsize", None) or (2 if str(dtype) in ("bfloat16", "float16") else 4)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    paged = bool(getattr(model_class, "_supports_attention_backend", True))  # remote code: known once loaded
+    device = "cuda" if cfg.gpus_per_replica > 0 else "cpu"
+    # A GPU replica's free memory is known on the replica only: the plan shows the cache it wants (at most half).
+    free = free_memory_bytes("cpu") if device == "cpu" else 2**62
+    return plan_engine(cfg, config, context, dtype_bytes, free, device, paged)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from tests.conftest import preference_rows, sentiment_rows, write_jsonl
+from tests.conftest import chat_rows, preference_rows, sentiment_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -93,6 +93,23 @@ def test_validate_prints_the_preflight_report(tmp_path, tiny_bert, rayfine):
     assert "truncated" in out and "parameters:" in out
     assert "ZeRO-2:" in out and "<- chosen" in out
     assert "OK: config and data are valid." in out
+
+
+def test_validate_of_a_causal_lm_prints_its_serving_plan(tmp_path, tiny_llama, rayfine):
+    train = write_jsonl(tmp_path / "chat.jsonl", chat_rows(12, seed=1))
+    val = write_jsonl(tmp_path / "chat_val.jsonl", chat_rows(4, seed=2))
+    serve = {"max_input_tokens": 64, "max_new_tokens": 32, "max_running_sequences": 4}
+    config = write_config(tmp_path, tiny_llama, train, val, task="causal_lm", serve=serve)
+    proc = rayfine("validate", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # 4 sequences of 64 + 32 tokens; 2 layers x 4 KV heads x 16 dims x keys and values x 4 bytes = 1 KiB a token
+    assert ("Serving (generation): continuous batching (transformers): up to 4 sequences per step, KV cache 384 "
+            "tokens (0.4 MiB)") in proc.stdout
+    serve["kv_cache_tokens"] = 50
+    config = write_config(tmp_path, tiny_llama, train, val, task="causal_lm", serve=serve)
+    proc = rayfine("validate", str(config), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "serve.kv_cache_tokens: 50 cannot hold one sequence of 96 tokens" in proc.stderr
 
 
 def test_preference_records_are_checked_by_line_and_reported(tmp_path, tiny_llama, rayfine):

@@ -416,7 +416,14 @@ def test_prometheus_metrics_are_exported(urls, client):
     for _ in range(3):
         client.post(f"{urls['cls']}/v1/classify", json={"input": "count me"})
     client.post(f"{urls['cls']}/v1/classify", json={"input": ""})
+    assert chat(urls, client, max_tokens=4).status_code == 200
+    lm = f'model="{LM_ID}"'
     wanted = {
+        "first_token": re.compile(rf'^ray_rayfine_serve_time_to_first_token_ms_count\{{[^}}]*{lm}', re.M),
+        "inter_token": re.compile(rf'^ray_rayfine_serve_inter_token_latency_ms_bucket\{{[^}}]*{lm}', re.M),
+        "running": re.compile(rf'^ray_rayfine_serve_running_sequences\{{[^}}]*{lm}', re.M),
+        "waiting": re.compile(rf'^ray_rayfine_serve_waiting_sequences\{{[^}}]*{lm}', re.M),
+        "tokens": re.compile(rf'^ray_rayfine_serve_generated_tokens_total\{{[^}}]*{lm}', re.M),
         "requests": re.compile(r'^ray_rayfine_serve_requests_total\{[^}]*endpoint="/v1/classify"[^}]*model="tiny-cls"'
                                r'[^}]*status="200"', re.M),
         "errors": re.compile(r'^ray_rayfine_serve_errors_total\{[^}]*code="invalid_value"[^}]*status="422"', re.M),
