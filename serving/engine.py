@@ -147,17 +147,21 @@ class SequentialEngine:
     def __init__(self, model: Any, eos_ids: set[int], device: str):
         self.model, self.eos_ids, self.device = model, eos_ids, device
         self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self._submitted: set[str] = set()  # queued or decoding
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
         self._thread.start()
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, deliver: Deliver) -> None:
+        with self._lock:
+            self._submitted.add(request_id)
         self._queue.put((request_id, prompt_ids, params, _on_loop(asyncio.get_running_loop(), deliver)))
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
-            self._cancelled.add(request_id)
+            if request_id in self._submitted:  # not yet done: the decoding loop drops it
+                self._cancelled.add(request_id)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -181,6 +185,7 @@ class SequentialEngine:
                 logger.exception("generation failed")
                 deliver(Update([], True, f"{type(exc).__name__}: {exc}"))
             with self._lock:
+                self._submitted.discard(request_id)
                 self._cancelled.discard(request_id)
 
     def _decode(self, request_id: str, prompt_ids: list[int], params: SamplingParams, deliver: Deliver) -> None:
