@@ -64,8 +64,8 @@ class RequestSampler(ContinuousBatchingLogitsProcessor):
 def _drawer(params: SamplingParams) -> Optional[Callable[[torch.Tensor], int]]:
     if params.greedy:
         return None
-    rng = params.generator()
-    return lambda logits: sample(logits, params.temperature, params.top_p, rng)
+    rng = params.generator()  # a CPU generator: the row is drawn on the CPU, whatever the model's device
+    return lambda logits: sample(logits.cpu(), params.temperature, params.top_p, rng)
 
 
 class _LoopHandle:
@@ -96,7 +96,9 @@ class TransformersEngine:
         batching = ContinuousBatchingConfig(
             page_size=plan.page_size, num_blocks=plan.kv_cache_tokens // plan.page_size,
             max_batch_tokens=plan.max_batch_tokens, max_requests_per_batch=plan.max_running,
-            use_async_batching=False)  # RequestSampler needs each batch prepared right before its forward pass
+            # RequestSampler is Python that runs per step: it needs each batch prepared right before its forward
+            # pass (no async batching), and a forward pass that is run, not replayed (no CUDA graphs).
+            use_async_batching=False, use_cuda_graph=False)
         # Built directly, not with model.init_continuous_batching: a LoRA adapter's model is a view of a shared
         # base (serving.pool.AdapterView) whose forward activates the adapter; the base's method would bypass it.
         self.manager = ContinuousBatchingManager(model, generation, batching)
