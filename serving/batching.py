@@ -15,7 +15,8 @@ What this relies on beyond the documented entry points (``add_request``, ``cance
 ``logit_processor`` attribute that the manager hands to its batch processor when it starts, the
 ``ContinuousBatchingLogitsProcessor`` interface, and ``output_router``: its handler table (what
 ``register_result_handler`` fills; written here so that a closed loop cannot fail the manager's thread, and
-emptied of cancelled requests) and its queue of outputs that have no handler.
+emptied of cancelled requests), its queue of outputs that have no handler, and ``_original_attn_impl`` (cleared so
+that stopping one adapter's engine does not switch the attention of a base that others still use).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from serving.engine import Deliver, EnginePlan, Update
 from serving.sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 600.0  # an unloaded model's requests finish first; none runs for longer than its deadline
 
 class RequestSampler(ContinuousBatchingLogitsProcessor):
     """Chooses the next token of each sampling request in the batch; runs in the manager's thread."""
@@ -146,11 +149,9 @@ class TransformersEngine:
         return self.manager.is_running()
 
     def close(self) -> None:
-        """Stop the manager's thread; requests still in it end without output (their consumers are gone: the
-        model is unloaded once no request uses it)."""
-        self._live.clear()
-        router = self.manager.output_router
-        with router._lock:
-            router.result_handlers.clear()  # nobody waits for those requests any more
+        """Refuse new requests, let the ones in the engine finish, then stop its thread (blocks until then)."""
+        # Keep the attention implementation the manager switched to (eager -> paged|eager): the model is being
+        # unloaded, and a LoRA base shared with other adapters' engines must keep running on a paged cache.
+        self.manager._original_attn_impl = None
         if self.manager.is_running():
-            self.manager.stop(block=True, timeout=30, hard_stop=True)
+            self.manager.stop(block=True, timeout=CLOSE_TIMEOUT_S)

@@ -59,7 +59,8 @@ class Engine(Protocol):
         """False once the engine's thread has died; the replica's health check reports it."""
 
     def close(self) -> None:
-        """Stop the engine's thread and free its cache (the model is being unloaded)."""
+        """Refuse new requests, let those in the engine finish, then stop its thread and free its cache (the model
+        is being unloaded); returns once that is done."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,8 @@ class SequentialEngine:
         return self._thread.is_alive()
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._queue.put(None)  # after the requests already queued
+        self._thread.join()
 
     def _is_cancelled(self, request_id: str) -> bool:
         with self._lock:

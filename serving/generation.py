@@ -81,7 +81,7 @@ class Generator:
         logger.info("%s: %s", spec.model_id, self.plan.describe())
 
     def close(self) -> None:
-        """Stop the engine (the model is being unloaded)."""
+        """Stop the engine once the requests in it have finished (the model is being unloaded); blocks until then."""
         self.engine.close()
 
     # ---- request path (event loop thread) ------------------------------------------------------------

@@ -138,8 +138,8 @@ class ModelPool:
             served = Served(spec, model)
 
             def release() -> None:
-                close_task_model(spec, model)
                 self._forget(spec.model_id)
+                _in_background(lambda: close_task_model(spec, model))
 
             served._release = release
         with self._lock:
@@ -176,9 +176,12 @@ class ModelPool:
             raise
 
         def release() -> None:
-            close_task_model(spec, model)  # its engine's thread first: it runs the adapter on the base
-            self._release_adapter(key, base, name)
+            def unload() -> None:
+                close_task_model(spec, model)  # its requests finish first: they run the adapter on the base
+                self._release_adapter(key, base, name)
+
             self._forget(spec.model_id)
+            _in_background(unload)
 
         return Served(spec, model, release, base=base.path)
 
@@ -213,6 +216,12 @@ def build_task_model(spec: ModelSpec, device: str, serve: "ServeConfig", trust_r
     from serving.encoders import ENCODER_TASKS
 
     return ENCODER_TASKS[spec.task](spec, device, serve.max_input_tokens, trust_remote_code, weights)
+
+
+def _in_background(unload: Callable[[], None]) -> None:
+    """Unload off the caller's thread: Serve evicts a model on the replica's event loop, which must keep handing
+    the outputs of the model's last requests to their clients until they finish."""
+    threading.Thread(target=unload, name="unload", daemon=True).start()
 
 
 def close_task_model(spec: ModelSpec, model: Any) -> None:

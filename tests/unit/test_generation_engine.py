@@ -204,3 +204,30 @@ def test_the_plan_follows_the_serve_keys_and_the_model_shape(tiny_models):
         plan_engine(cfg.model_copy(update={"kv_cache_tokens": 50}), config, 128, 4, 10**12)
     with pytest.raises(ConfigError, match="serve.engine"):
         plan_engine(cfg.model_copy(update={"engine": "transformers"}), config, 128, 4, 10**12, supports_paged=False)
+
+
+@pytest.mark.parametrize("engine", ["transformers", "sequential"])
+def test_closing_an_engine_lets_its_running_requests_finish(engine, tiny_models):
+    """What an unloaded model (Serve evicting it past max_models_per_replica) does to requests still running."""
+    g = Generator(load_model_spec(tiny_models["causal_lm"]), "cpu",
+                  ServeConfig(max_input_tokens=64, max_new_tokens=32, engine=engine), False)
+    ids = g.encode_prompt("the quick brown fox")
+    greedy = SamplingParams(max_tokens=30, temperature=0)
+    expected = generate_text(g, ids, 30)
+
+    async def close_while_running():
+        closing = None
+        parts, finished = [], None
+        async for event in g.stream(ids, greedy, time.monotonic() + 60):
+            if isinstance(event, Finished):
+                finished = event
+            else:
+                parts.append(event)
+            if closing is None:  # the first delta: the request is in the engine
+                closing = asyncio.get_running_loop().run_in_executor(None, g.close)
+        await closing
+        return "".join(parts), finished
+
+    text, finished = arun(close_while_running())
+    assert text == expected and finished.reason in ("stop", "length")
+    assert not g.engine.alive()
