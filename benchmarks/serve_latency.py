@@ -108,11 +108,15 @@ def measure_ingress(proxy: str, model_dir: Path, texts: list[str], concurrencies
 
     if use_ingress(proxy) != proxy:  # before Ray starts; an explicit env or a missing binary would differ
         raise SystemExit(f"serve.proxy: {proxy} is not available here")
+    import ray
+    from ray import serve
+
+    from cluster.ray_start import start_ray
     from core.config import ServeConfig
     from serving.deploy import deploy
-    from tests.serve_fixtures import free_port, start_ray, stop_ray
+    from tests.serve_fixtures import free_port
 
-    owner = start_ray(num_cpus=4)
+    start_ray(None, num_workers=3, serve_proxy=proxy)  # a local instance of 4 logical CPUs
     try:
         port, urls = free_port(), {}
         for label, batch in (("batching", 16), ("no batching", 1)):
@@ -128,7 +132,8 @@ def measure_ingress(proxy: str, model_dir: Path, texts: list[str], concurrencies
         results[f"{DIRECT}@1"].append(bench_direct(model_dir, texts))
         return results
     finally:
-        stop_ray(owner)
+        serve.shutdown()
+        ray.shutdown()
 
 
 def run_child(proxy: str, model_dir: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
