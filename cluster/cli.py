@@ -153,8 +153,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from serving.engine import plan_for_model
 
         plan = plan_for_model(cfg.model.name_or_path, cfg.serve, cfg.model.trust_remote_code)
-        where = "each replica's free GPU memory caps the cache" if cfg.serve.gpus_per_replica else "on this machine"
-        print(f"Serving (generation): {plan.describe()} ({where})", flush=True)
+        memory = "each replica's free GPU memory caps the cache" if cfg.serve.gpus_per_replica else "on this machine"
+        print(f"Serving (generation): {plan.describe()} ({memory})", flush=True)
     return 0
 
 

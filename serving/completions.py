@@ -92,8 +92,7 @@ async def _respond(server, served, body, prompts: list[list[int]], deadline: flo
             if not isinstance(event, Finished):
                 parts[index].append(event)
             elif event.reason == "timeout":
-                raise ServingError(408, f"Generation took longer than {server.cfg.request_timeout_s}s "
-                                        "(serve.request_timeout_s).", code="request_timeout")
+                raise ServingError(408, _too_long(server), code="request_timeout")
             else:
                 finished[index] = event
     completion_tokens = sum(f.completion_tokens for f in finished.values())
@@ -136,6 +135,10 @@ async def _merged(server, served, jobs, deadline: float) -> AsyncIterator[tuple[
             task.cancel()
 
 
+def _too_long(server) -> str:
+    return f"Generation took longer than {server.cfg.request_timeout_s}s (serve.request_timeout_s)."
+
+
 def _usage(prompts: list[list[int]], completion_tokens: int) -> Usage:
     prompt_tokens = sum(len(p) for p in prompts)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -154,8 +157,7 @@ async def _stream(server, served, rid: str, model: str, prompts: list[list[int]]
             if isinstance(event, Finished):
                 completion_tokens += event.completion_tokens
                 if event.reason == "timeout":
-                    yield _sse(error_body(f"Generation took longer than {server.cfg.request_timeout_s}s "
-                                          "(serve.request_timeout_s).", "timeout_error", None, "request_timeout"))
+                    yield _sse(error_body(_too_long(server), "timeout_error", None, "request_timeout"))
                     yield "data: [DONE]\n\n"
                     return
                 yield _sse(chat_chunk(rid, model, index, {}, event.reason) if chat

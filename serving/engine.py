@@ -84,6 +84,12 @@ class EnginePlan:
                 f"{self.max_batch_tokens} tokens per forward pass")
 
 
+def context_length(model_config: Any) -> int:
+    """Tokens a causal LM attends over: its position embeddings (``n_positions`` in GPT-2's config), else 2048."""
+    return int(getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+               or 2048)
+
+
 def kv_bytes_per_token(model_config: Any, dtype_bytes: int) -> int:
     """Keys and values of one token across all layers: 2 x layers x KV heads x head size x bytes."""
     config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
@@ -228,7 +234,6 @@ def plan_for_model(name_or_path: str, cfg: ServeConfig, trust_remote_code: bool 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     dtype_bytes = getattr(dtype, "itemsize", None) or (2 if str(dtype) in ("bfloat16", "float16") else 4)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
@@ -236,4 +241,4 @@ def plan_for_model(name_or_path: str, cfg: ServeConfig, trust_remote_code: bool 
     device = "cuda" if cfg.gpus_per_replica > 0 else "cpu"
     # A GPU replica's free memory is known on the replica only: the plan shows the cache it wants (at most half).
     free = free_memory_bytes("cpu") if device == "cpu" else 2**62
-    return plan_engine(cfg, config, context, dtype_bytes, free, device, paged)
+    return plan_engine(cfg, config, context_length(config), dtype_bytes, free, device, paged)

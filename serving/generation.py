@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 from core.model_folder import DEFAULT_CHAT_TEMPLATE
-from serving.engine import Engine, EnginePlan, SequentialEngine, free_memory_bytes, plan_engine
+from serving.engine import Engine, EnginePlan, SequentialEngine, context_length, free_memory_bytes, plan_engine
 from serving.errors import ServingError, input_too_long
 from serving.model_folder import ModelSpec
 from serving.sampling import SamplingParams
@@ -66,8 +66,7 @@ class Generator:
         self.model = model.to(device).eval()
         self.chat_template = self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         config = self.model.config
-        self.context_length = int(getattr(config, "max_position_embeddings", None)
-                                  or getattr(config, "n_positions", None) or 2048)
+        self.context_length = context_length(config)
         self.max_input_tokens = min(serve.max_input_tokens, self.context_length - 1)
         eos = self.model.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
