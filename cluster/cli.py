@@ -182,6 +182,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.data import EvaluationData
     from training.evaluate import evaluate_command
 
     cfg = load_config(args.config, args.overrides)
@@ -189,11 +190,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from cluster.evaluate_endpoint import endpoint_command, open_endpoint
 
         endpoint = open_endpoint(cfg, args.endpoint, args.api_key)  # a wrong URL or task fails before Ray starts
+    if not EvaluationData(cfg, args.data).in_process:  # small local data is read and scored without Ray
         start_ray(args.address)
+    if args.endpoint:
         endpoint_command(cfg, endpoint, data=args.data, output=args.output)
-        return 0
-    start_ray(args.address)
-    evaluate_command(cfg, Path(args.model), data=args.data, output=args.output)
+    else:
+        evaluate_command(cfg, Path(args.model), data=args.data, output=args.output)
     return 0
 
 

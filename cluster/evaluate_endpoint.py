@@ -1,9 +1,9 @@
 """``rayfine evaluate CONFIG --endpoint URL``: the task's metrics computed from a running deployment's answers.
 
 The records are the ones ``rayfine evaluate --model`` reads (``--data``, else the config's test, else validation
-data, read and checked by the same Ray Data pipeline), sent to the task's endpoint in batches; the metrics are
-computed by the task adapter's own functions from the answers. So a served model can be checked on a user's own
-labelled data, and a deployment against its ``eval.json``:
+data, read and checked by the same functions: in this process when small and local, else through Ray Data), sent
+to the task's endpoint in batches; the metrics are computed by the task adapter's own functions from the answers.
+So a served model can be checked on a user's own labelled data, and a deployment against its ``eval.json``:
 
 - sequence_classification: ``/v1/classify``, accuracy and per-class precision/recall/F1;
 - token_classification: ``/v1/ner`` on the words joined by spaces; each word is tagged B-/I- by the entity whose
@@ -31,21 +31,9 @@ ENDPOINTS = {"sequence_classification": "/v1/classify", "token_classification": 
 
 def evaluation_records(cfg: RunConfig, data: Optional[str]) -> list[dict[str, Any]]:
     """The records ``rayfine evaluate`` reads, checked the same way (file and line of every problem)."""
-    from training.data import Splits, build_records, expand_inputs
-    from training.preflight import MAX_PROBLEMS
+    from training.data import EvaluationData
 
-    if data is not None:
-        records = build_records(expand_inputs(data, cfg.data.format, "--data"), cfg)
-    else:
-        splits = Splits(cfg)
-        records = splits.records("test") or splits.records("validation")
-    rows = records.take_all()
-    problems = [f"{r['_file']}:{r['_line']}: {r['_error']}" for r in rows if r["_error"]][:MAX_PROBLEMS]
-    if problems:
-        raise UserError(problems, header="Problems in the evaluation data:")
-    if not rows:
-        raise UserError("the evaluation data has no records")
-    return rows
+    return EvaluationData(cfg, data).rows()
 
 
 class Endpoint:

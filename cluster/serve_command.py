@@ -16,15 +16,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 from pydantic import ValidationError
 
 from cluster.ingress import LABELS, active_ingress, check_ingress
 from cluster.ray_start import (
-    local_raylet_pids,
     group_members,
+    local_raylet_pids,
     signalled_with_us,
     start_ray,
     started_local_instance,

@@ -28,6 +28,7 @@ from training.tasks.base import LabelSpace, ParseError
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
                   ".pq": "parquet", ".csv": "csv", ".conll": "conll", ".tsv": "csv"}
 READ_CHUNK = 2048  # records per block yielded by a shard reader
+MAX_PROBLEMS = 50  # problems listed in a data report (pre-flight, rayfine evaluate); the rest are counted
 
 
 # ---- finding shards ----------------------------------------------------------------------------
@@ -324,3 +325,61 @@ class Splits:
             return build_records(self.train, self.cfg, self.carve, keep="validation") if self.carve else None
         files = self.validation if split == "validation" else self.test
         return build_records(files, self.cfg) if files else None
+
+
+# ---- what `rayfine evaluate` reads ---------------------------------------------------------------
+class EvaluationData:
+    """The records ``rayfine evaluate`` scores: ``--data``, else the config's test files, else its validation
+    files (or the validation share carved out of train). Small local files are read in this process, like a
+    run's (``small_and_local``): no Ray Data pass, no Ray at all; larger or remote data is a Ray Dataset."""
+
+    def __init__(self, cfg: RunConfig, data: str | None = None):
+        self.cfg = cfg
+        self.carve, self.keep = 0.0, None
+        if data is not None:
+            self.files = expand_inputs(data, cfg.data.format, "--data")
+        else:
+            splits = Splits(cfg)
+            self.files = splits.test or splits.validation or []
+            if not self.files and splits.carve:
+                self.files, self.carve, self.keep = splits.train, splits.carve, "validation"
+        if not self.files:
+            raise UserError("no evaluation data: pass --data FILE, or set data.test or data.validation")
+
+    @property
+    def in_process(self) -> bool:
+        return small_and_local(self.files)
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """Numpy batches of the records, read in this process (``in_process`` data)."""
+        for batch in read_in_process(self.files, self.cfg, self.carve):
+            if self.keep is not None:
+                batch = {k: v[batch["_split"] == self.keep] for k, v in batch.items()}
+            if len(batch["_error"]):
+                yield batch
+
+    def dataset(self):
+        """The records as a lazy Ray Dataset."""
+        return build_records(self.files, self.cfg, self.carve, keep=self.keep)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every record (``in_process`` data read here, else through Ray Data); raises on a problem in any, or
+        when there is none."""
+        rows = [row for batch in self.batches() for row in batch_rows(batch)] if self.in_process \
+            else self.dataset().take_all()
+        raise_problems(rows)
+        if not rows:
+            raise UserError("the evaluation data has no records")
+        return rows
+
+
+def batch_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The rows of a numpy batch, as Ray Data's ``take`` gives them."""
+    return [{k: v[i] for k, v in batch.items()} for i in range(len(next(iter(batch.values()))))]
+
+
+def raise_problems(rows: list[dict[str, Any]]) -> None:
+    """Raise a UserError naming the file and line of every problem among ``rows`` (at most MAX_PROBLEMS)."""
+    problems = [f"{r['_file']}:{r['_line']}: {r['_error']}" for r in rows if r["_error"]][:MAX_PROBLEMS]
+    if problems:
+        raise UserError(problems, header="Problems in the evaluation data:")

@@ -15,8 +15,8 @@ import os
 import shutil
 import threading
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ray.train import UserCallback

@@ -1,7 +1,9 @@
-"""``rayfine evaluate``: metrics of an exported model on any labelled data, computed with Ray Data.
+"""``rayfine evaluate``: metrics of an exported model on any labelled data.
 
-Batch inference runs in an actor pool (one model per actor); only the small per-example results of the
-task adapter come back to the driver. The numbers equal the ones training reports, since both use the task adapter's metrics.
+Small local data (``training.data.IN_PROCESS_MAX_BYTES``) is read and scored in the command's own process, with
+no Ray at all; larger or remote data goes through Ray Data, batch inference in an actor pool (one model per
+actor), and only the small per-example results of the task adapter come back to the driver. The numbers equal
+the ones training reports, since both use the task adapter's metrics.
 """
 
 from __future__ import annotations
@@ -44,10 +46,13 @@ def load_model_info(model_dir: Path) -> ModelInfo:
     return ModelInfo.load(model_dir) or ModelInfo()
 
 
-class PredictBatch:
-    """Ray Data actor UDF: tokenizer and model loaded once per actor."""
+PREDICT_BATCH = 256  # records per call of PredictBatch
 
-    def __init__(self, cfg: RunConfig, model_dir: str, labels: LabelSpace):
+
+class PredictBatch:
+    """Ray Data actor UDF (or called in this process for small local data): tokenizer and model loaded once."""
+
+    def __init__(self, cfg: RunConfig, model_dir: str, labels: LabelSpace, in_actor: bool = True):
         import torch
         import transformers
         from transformers import AutoTokenizer
@@ -55,7 +60,8 @@ class PredictBatch:
         from training.tasks import get_adapter
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+        if in_actor:  # an actor shares its node with other processes; the command's own process takes every core
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
         self.adapter = get_adapter(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = getattr(transformers, self.adapter.auto_model).from_pretrained(
@@ -88,45 +94,49 @@ class PredictBatch:
 
 
 def evaluate_model(cfg: RunConfig, model_dir: Path, data: str | None = None) -> dict:
-    """Metrics of the model in ``model_dir`` on ``data`` (default: the config's test, else validation)."""
-    from ray.data import ActorPoolStrategy
-
-    from training.data import Splits, build_records, expand_inputs
-    from training.preflight import MAX_PROBLEMS
+    """Metrics of the model in ``model_dir`` on ``data`` (default: the config's test, else validation). Small
+    local data is scored in this process; larger or remote data in a Ray Data actor pool."""
+    from training.data import MAX_PROBLEMS, EvaluationData, batch_rows, raise_problems
     from training.tasks import get_adapter
 
     info = load_model_info(model_dir)
     names = info.labels or _labels_from_config(model_dir)
     labels = LabelSpace(list(names))
-    if data is not None:
-        records = build_records(expand_inputs(data, cfg.data.format, "--data"), cfg)
-    else:
-        splits = Splits(cfg)
-        records = splits.records("test") or splits.records("validation")
-    problems = [f"{r['_file']}:{r['_line']}: {r['_error']}" for r in
-                records.filter(lambda r: r["_error"] != "").take(MAX_PROBLEMS)]
-    if problems:
-        raise UserError(problems, header="Problems in the evaluation data:")
+    source = EvaluationData(cfg, data)
     adapter = get_adapter(cfg)
     known = set(names)
 
     def unknown_labels(r: dict) -> list[str]:  # a record's labels (NER: its tags) the model cannot predict
         return sorted(set(adapter.record_labels({k: [v] for k, v in r.items()})[0]) - known)
 
-    unknown = records.filter(lambda r: bool(unknown_labels(r))).take(5) if adapter.has_labels else []
-    if unknown:
-        raise UserError([f"{r['_file']}:{r['_line']}: label '{', '.join(unknown_labels(r))}' is not one the model "
-                         f"knows ({', '.join(names)})" for r in unknown], header="Unknown labels:")
-    out = records.map_batches(PredictBatch, batch_size=256, compute=ActorPoolStrategy(size=1),
-                              fn_constructor_kwargs={"cfg": cfg, "model_dir": str(model_dir), "labels": labels})
-    results, losses = [], []
-    for batch in out.iter_batches(batch_size=4096, batch_format="numpy"):
-        results += [json.loads(r) for r in batch["result"]]
-        losses.append(batch["loss"])
+    def raise_unknown(unknown: list[dict]) -> None:
+        if unknown:
+            raise UserError([f"{r['_file']}:{r['_line']}: label '{', '.join(unknown_labels(r))}' is not one the "
+                             f"model knows ({', '.join(names)})" for r in unknown], header="Unknown labels:")
+
+    predict_kwargs = {"cfg": cfg, "model_dir": str(model_dir), "labels": labels}
+    if source.in_process:
+        batches = list(source.batches())
+        rows = [row for b in batches for row in batch_rows(b)]
+        raise_problems(rows)
+        raise_unknown([r for r in rows if adapter.has_labels and unknown_labels(r)][:5])
+        predict = PredictBatch(**predict_kwargs, in_actor=False) if rows else None
+        outputs = [predict({k: v[i: i + PREDICT_BATCH] for k, v in b.items()})
+                   for b in batches for i in range(0, len(b["_error"]), PREDICT_BATCH)]
+    else:
+        from ray.data import ActorPoolStrategy
+
+        records = source.dataset()
+        raise_problems(records.filter(lambda r: r["_error"] != "").take(MAX_PROBLEMS))
+        raise_unknown(records.filter(lambda r: bool(unknown_labels(r))).take(5) if adapter.has_labels else [])
+        out = records.map_batches(PredictBatch, batch_size=PREDICT_BATCH, compute=ActorPoolStrategy(size=1),
+                                  fn_constructor_kwargs=predict_kwargs)
+        outputs = list(out.iter_batches(batch_size=4096, batch_format="numpy"))
+    results = [json.loads(r) for batch in outputs for r in batch["result"]]
     if not results:
         raise UserError("the evaluation data has no records")
     metrics = adapter.compute_metrics(results, labels)
-    metrics.setdefault("loss", float(np.concatenate(losses).mean()))
+    metrics.setdefault("loss", float(np.concatenate([batch["loss"] for batch in outputs]).mean()))
     return metrics
 
 
@@ -138,6 +148,9 @@ def _labels_from_config(model_dir: Path) -> list[str]:
 
 def evaluate_command(cfg: RunConfig, model_dir: Path, data: str | None, output: str | None) -> dict:
     """``rayfine evaluate``: the task's metrics of ``model_dir`` on ``data`` (default: the config's data)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weights' loading bar, when the model loads in this process
     metrics = evaluate_model(cfg, model_dir, data)
     logger.info(f"Evaluation of {model_dir} on {data or 'the config data'}:\n{format_metrics_table(metrics)}")
     if output:

@@ -17,12 +17,11 @@ import numpy as np
 
 from core.config import RunConfig
 from core.errors import UserError
-from training.data import Splits, build_records, process_tokenizer, read_in_process
+from training.data import MAX_PROBLEMS, Splits, build_records, process_tokenizer, read_in_process
 from training.scaling import resolve_workers, workers_text
 from training.tasks.base import LabelSpace
 
 logger = logging.getLogger(__name__)
-MAX_PROBLEMS = 50
 
 
 def summarize_batch(batch: dict[str, np.ndarray], cfg: RunConfig) -> dict[str, list]:

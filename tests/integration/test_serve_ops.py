@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from ray import serve
 import yaml
+from ray import serve
 
 from tests.serve_fixtures import SERVE_PROXY, free_port
 

@@ -116,15 +116,21 @@ def test_the_export_loads_and_predicts_what_evaluation_counted(trained_classifie
     assert tok("hello")["input_ids"]
 
 
-def test_evaluation_of_the_export_matches_the_run(trained_classifier, tmp_path, ray_local, capsys):
+def test_evaluation_of_the_export_matches_the_run(trained_classifier, tmp_path, ray_local, capsys, monkeypatch):
     cfg, result = trained_classifier
     evaluation = json.loads((result.run_dir / "eval.json").read_text())["validation"]
+    from training import data
+
+    # Through Ray Data (an actor pool), as for data too large or too remote to read in the command's process.
+    monkeypatch.setattr(data, "IN_PROCESS_MAX_BYTES", 0)
     again = evaluate_model(cfg, result.model_dir)
+    monkeypatch.undo()
     assert again["accuracy"] == pytest.approx(evaluation["accuracy"])
     assert again["f1"] == pytest.approx(evaluation["f1"])
     assert again["loss"] == pytest.approx(evaluation["loss"], rel=1e-3)
 
-    # `rayfine evaluate` (in-process, on the session's Ray) prints the table and writes the same numbers.
+    # `rayfine evaluate` (called in-process; the small validation file is read and scored without Ray) prints the
+    # table and writes the same numbers.
     from cluster.cli import main
 
     config = tmp_path / "run.yaml"

@@ -139,8 +139,8 @@ def test_a_job_with_a_wandb_integration_through_the_sdk(sdk, tmp_path):
         assert integration.type == "wandb" and integration.wandb.project == "reviews"
         assert integration.wandb.name == "try-1" and integration.wandb.tags == ["nightly"]
     # Applied to the run: the job's config tracks it in W&B under that project.
-    from core.config import RunConfig
     from cluster.api.store import Store
+    from core.config import RunConfig
 
     row = Store(tmp_path / "data" / "api.sqlite3").get_job(job.id)
     tracking = RunConfig.model_validate(row["config"]).tracking.wandb

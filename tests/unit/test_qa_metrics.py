@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from training.span_metrics import exact_match, normalize_answer, squad_metrics, token_f1
 from core.qa_spans import best_spans
+from training.span_metrics import exact_match, normalize_answer, squad_metrics, token_f1
 from training.tasks.question_answering import predict_answers
 
 
