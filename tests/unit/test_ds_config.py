@@ -124,3 +124,22 @@ def test_one_worker_runs_zero_0_unless_it_offloads_or_asks_natively():
     assert [stage(2, stage=s) for s in (0, 1, 2, 3)] == [0, 1, 2, 3]
     assert stage(1, stage=2, offload_optimizer=True) == 2  # offload needs the ZeRO optimizer
     assert stage(1, stage=2, config={"zero_optimization": {"stage": 2}}) == 2  # a native key is taken as given
+
+
+def test_workers_build_deepspeed_ops_with_the_ninja_of_their_environment(monkeypatch):
+    """A system ninja and pip's keep incompatible build logs: with both in use, DeepSpeed's CPU op is compiled
+    again each time the other one ran last. Workers put their environment's first on PATH (once)."""
+    import os
+    import shutil
+    import sys
+
+    from training.loop import use_this_environments_ninja
+
+    bin_dir = os.path.dirname(sys.executable)
+    if not os.path.exists(os.path.join(bin_dir, "ninja")):
+        pytest.skip("no ninja installed in this Python environment")
+    monkeypatch.setenv("PATH", f"/usr/bin{os.pathsep}/bin")
+    use_this_environments_ninja()
+    assert shutil.which("ninja") == os.path.join(bin_dir, "ninja")
+    use_this_environments_ninja()
+    assert os.environ["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]
