@@ -13,8 +13,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -262,7 +264,8 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     metrics_file = RunFolder(run_dir).metrics
     offset = metrics_file.stat().st_size if metrics_file.exists() else 0
     try:
-        result = trainer.fit()
+        with _sigint_handler_restored():
+            result = trainer.fit()
         check_divergence(run_dir, offset)
         return result, plan
     except ray.train.TrainingFailedError as exc:
@@ -272,6 +275,22 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     finally:
         if printer:
             printer.stop()
+
+
+@contextmanager
+def _sigint_handler_restored():
+    """Put this process's Ctrl+C handler back after ``trainer.fit()``. Ray Train's ``fit()`` (checked against Ray
+    2.60) installs its own in the main thread, and that handler holds the run's controller actor: the controller,
+    and the DatasetManager and SplitCoordinator actors it owns, outlived the run until another handler replaced
+    it (in ``rayfine run``, all the time the model was served)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def check_divergence(run_dir: Path, offset: int) -> None:

@@ -27,6 +27,21 @@ def classification_config(tmp_path: Path, model: Path, n_train: int = 320, n_val
     return load_config(raw=raw)
 
 
+def wait_for_no_actors(classes: tuple[str, ...], timeout: float = 60.0) -> list[dict]:
+    """Wait until no actor of ``classes`` is alive on the session's Ray (or ``timeout`` passes); the live ones."""
+    import time
+
+    from ray._private.state import state
+
+    deadline = time.time() + timeout
+    while True:
+        alive = [a for a in state.actor_table(None).values()
+                 if a["State"] == "ALIVE" and a["ActorClassName"] in classes]
+        if not alive or time.time() >= deadline:
+            return alive
+        time.sleep(1.0)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.integration.conftest import FAIL_AT, SHARED_CHECKPOINT_EVERY, SHARED_LOG_EVERY
-from tests.integration.helpers import classification_config, read_metrics
+from tests.integration.helpers import classification_config, read_metrics, wait_for_no_actors
 from training.driver import train
 
 pytestmark = pytest.mark.integration
@@ -60,6 +60,8 @@ def test_worker_counts_and_zero_stages_train_the_same(tmp_path, tiny_bert, ray_l
             training={"batch_size": batch, "epochs": 2, "log_every_steps": 1, "learning_rate": 1e-3},
             scaling={"num_workers": workers}, deepspeed=deepspeed)
         runs[name] = train(cfg)
+    # A finished run leaves no actor behind (Ray Train's Ctrl+C handler held the controller until replaced).
+    assert not wait_for_no_actors(("TrainController", "DatasetManager", "SplitCoordinator"), timeout=20)
     metrics = {name: read_metrics(run.run_dir) for name, run in runs.items()}
     reference = [m["loss"] for m in metrics["2x4-zero2"] if "loss" in m]
     assert len(reference) == 2

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from core.config import MlflowConfig
-from tests.integration.helpers import classification_config, read_metrics
+from tests.integration.helpers import classification_config, read_metrics, wait_for_no_actors
 from training.tune import tune_command
 
 pytestmark = pytest.mark.integration
@@ -47,18 +47,6 @@ def wait_for_free_cpus(ray, want: float, timeout: float = 30.0) -> float:
     while time.time() < deadline and ray.available_resources().get("CPU", 0) < want:
         time.sleep(0.5)
     return ray.available_resources().get("CPU", 0)
-
-
-def wait_for_no_actors(classes: tuple[str, ...], timeout: float = 60.0) -> list[dict]:
-    from ray._private.state import state
-
-    deadline = time.time() + timeout
-    while True:
-        alive = [a for a in state.actor_table(None).values()
-                 if a["State"] == "ALIVE" and a["ActorClassName"] in classes]
-        if not alive or time.time() >= deadline:
-            return alive
-        time.sleep(1.0)
 
 
 def test_asha_search_stops_weak_trials_fails_a_diverging_one_and_exports_the_best(tmp_path, tiny_bert, ray_local):
