@@ -71,6 +71,10 @@ def serve_command(targets: list[str] | str, overrides: list[str], address: str |
               "installed, or embed it in a RayService's serveConfigV2")
         return 0
     spec = load_model_spec(target.model_dir) if target.model_dir else None  # fails before Ray starts
+    if spec is not None and spec.task == "causal_lm" and not spec.adapter:
+        from serving.engine import plan_for_model
+
+        plan_for_model(str(spec.path), cfg, target.trust_remote_code)  # a serve key it cannot run with, too
     check_port_free(cfg, address)
     where = start_ray(address, serve_proxy=cfg.proxy)
     with stopping_cleanly() as stop:

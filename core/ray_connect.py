@@ -10,6 +10,7 @@ import logging
 import os
 import warnings
 
+from core.errors import UserError
 from core.ray_private import LOCAL_TRAIN_POLL_INTERVAL_S, PREEMPTION_WATCHER_ENV, TRAIN_POLL_INTERVAL_ENV
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,14 @@ def connect(address: str | None = None, num_workers: int = 1) -> str:
         configure_logging=True,
     )
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ValueError, ConnectionError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"--address {address} (or RAY_ADDRESS): Ray cannot join it: {reason}\n  Pass the "
+                            "cluster's GCS address (HOST:6379, or auto on one of its nodes) or a Ray Client address "
+                            "(ray://HOST:10001); the dashboard's http://HOST:8265 is for rayfine submit, status, "
+                            "stop and api.") from None
         where = f"Ray cluster at {address}"
     else:
         # "local": a new instance even when `ray start` runs on this machine (join one with --address).

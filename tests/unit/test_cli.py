@@ -66,3 +66,20 @@ def test_serving_several_folders_names_each_problem(tmp_path):
     bad.write_text('{"models": [1]}')
     proc = run("serve", str(bad))
     assert proc.returncode == 1 and f"{bad}: not a model registry" in proc.stderr
+
+
+def test_serving_a_causal_lm_with_a_cache_too_small_fails_before_ray(tiny_models, capsys):
+    """The generation engine's plan is checked before Ray is asked for: the bad key is named, not a connection
+    error from the (unreachable) cluster address."""
+    from cluster.cli import main
+
+    code = main(["serve", str(tiny_models["causal_lm"]), "--set", "serve.kv_cache_tokens=10",
+                 "--address", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert code == 1 and "serve.kv_cache_tokens: 10 cannot hold one sequence" in err and "Traceback" not in err, err
+
+    # Past that check, a Jobs API address where Ray's own is needed is named with the forms that work.
+    proc = run("serve", str(tiny_models["causal_lm"]), "--address", "http://127.0.0.1:9")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--address http://127.0.0.1:9 (or RAY_ADDRESS): Ray cannot join it" in proc.stderr
+    assert "HOST:6379" in proc.stderr
