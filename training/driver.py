@@ -290,7 +290,8 @@ def _sigint_handler_restored():
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
 
 
 def check_divergence(run_dir: Path, offset: int) -> None:
