@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 600.0  # an unloaded model's requests finish first; none runs for longer than its deadline
 
+
 class RequestSampler(ContinuousBatchingLogitsProcessor):
     """Chooses the next token of each sampling request in the batch; runs in the manager's thread."""
 
