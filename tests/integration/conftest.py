@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -78,6 +78,24 @@ class RayHead:
     env: dict  # for subprocesses: the cluster's token and the venv's bin on PATH
     storage: Path  # a folder for run folders, reachable from both nodes
     token: str
+    root: Path = Path()  # the cluster's temp folder (logs, Ray's session)
+    procs: list = field(default_factory=list)  # `ray start --block` of the head, then of the worker node
+
+    def replace_worker_node(self) -> None:
+        """Lose the worker node the way a machine dies (every process of it killed at once: its raylet, agents
+        and the Ray workers running there), then start a new worker node in its place, as an autoscaler or
+        KubeRay would."""
+        import psutil
+
+        node = psutil.Process(self.procs[1].pid)
+        for proc in [*node.children(recursive=True), node]:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.procs[1].wait(timeout=30)
+        self.procs[1] = _ray_start(["--address", self.gcs_address, "--node-ip-address", "127.0.0.1",
+                                    "--num-cpus", "2"], self.env, self.root / "worker-2.log")
 
     def job_status(self, job_id: str) -> str:
         """A Ray job's status from the cluster's Jobs REST API (in-process: polling spawns no process)."""
@@ -144,7 +162,10 @@ def ray_head():
 
     prepare_local_env()  # the cluster's processes get the same settings as a local instance's
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "TOKENIZERS_PARALLELISM": "false"}
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "TOKENIZERS_PARALLELISM": "false",
+           # A lost node is declared dead after 3 failed health checks 1 s apart (Ray's default: 5, 3 s apart);
+           # a check still waits up to 10 s for a busy raylet's answer.
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port = _free_port(), _free_port()
     gcs = f"127.0.0.1:{gcs_port}"
@@ -168,7 +189,7 @@ def ray_head():
         storage = root / "storage"
         storage.mkdir()
         yield RayHead(address=f"http://127.0.0.1:{dash_port}", gcs_address=gcs, env=env, storage=storage,
-                      token=token)
+                      token=token, root=root, procs=procs)
     finally:
         # A throwaway cluster: end every process of both nodes at once (a SIGTERM drains for 30 s).
         for proc in procs:
