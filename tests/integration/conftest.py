@@ -141,11 +141,17 @@ def _ray_start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _count_nodes(env: dict, gcs: str) -> int:
-    out = subprocess.run([str(VENV_BIN / "ray"), "status", "--address", gcs], env=env, capture_output=True,
-                         text=True, timeout=60)
-    active = out.stdout.split("Pending:")[0]
-    return active.count(" node_")
+def _count_nodes(dashboard: str, token: str) -> int:
+    """Alive nodes, from the state API behind the dashboard (in-process: polling spawns no `ray status`)."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{dashboard}/api/v0/nodes", params={"limit": 100}, timeout=10,
+                             headers={"Authorization": f"Bearer {token}"})
+        nodes = response.json()["data"]["result"]["result"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return 0  # the dashboard is not up yet
+    return sum(node.get("state") == "ALIVE" for node in nodes)
 
 
 @pytest.fixture(scope="session")
@@ -173,22 +179,23 @@ def ray_head():
                          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
                          "--ray-client-server-port", str(_free_port()), "--num-cpus", "2",
                          "--temp-dir", str(root / "ray")], env, root / "head.log")]
+    dashboard = f"http://127.0.0.1:{dash_port}"
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
             if procs[0].poll() is not None:
                 raise RuntimeError(f"ray start --head exited: {(root / 'head.log').read_text()[-3000:]}")
-            if _count_nodes(env, gcs) >= 1:
+            if _count_nodes(dashboard, token) >= 1:
                 break
-            time.sleep(2)
+            time.sleep(0.5)
         procs.append(_ray_start(["--address", gcs, "--node-ip-address", "127.0.0.1", "--num-cpus", "2"],
                                 env, root / "worker.log"))
-        while time.time() < deadline and _count_nodes(env, gcs) < 2:
-            time.sleep(2)
-        assert _count_nodes(env, gcs) == 2, (root / "worker.log").read_text()[-3000:]
+        while time.time() < deadline and _count_nodes(dashboard, token) < 2:
+            time.sleep(0.5)
+        assert _count_nodes(dashboard, token) == 2, (root / "worker.log").read_text()[-3000:]
         storage = root / "storage"
         storage.mkdir()
-        yield RayHead(address=f"http://127.0.0.1:{dash_port}", gcs_address=gcs, env=env, storage=storage,
+        yield RayHead(address=dashboard, gcs_address=gcs, env=env, storage=storage,
                       token=token, root=root, procs=procs)
     finally:
         # A throwaway cluster: end every process of both nodes at once (a SIGTERM drains for 30 s).
