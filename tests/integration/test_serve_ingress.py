@@ -71,16 +71,20 @@ class OtherIngressRun:
         try:
             code = cls.proc.wait(timeout=CHILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            cls.stop()
+            cls._kill()  # its output stays, for the failure message
             code = -1
         return code, cls.output.read_text()
 
     @classmethod
-    def stop(cls) -> None:
-        """End a child still running (the session stopped early) and remove its output."""
+    def _kill(cls) -> None:
         if cls.proc is not None and cls.proc.poll() is None:
             cls.proc.kill()
             cls.proc.wait()
+
+    @classmethod
+    def stop(cls) -> None:
+        """End a child still running (the session stopped early) and remove its output."""
+        cls._kill()
         if cls.output is not None:
             cls.output.unlink(missing_ok=True)
 
