@@ -11,6 +11,7 @@ import httpx
 import pytest
 import yaml
 
+from core.run_folder import RunFolder, read_records
 from tests.conftest import sentiment_rows, write_jsonl
 from tests.integration.conftest import VENV_BIN
 
@@ -116,13 +117,12 @@ def test_submitted_job_carries_its_data_and_finishes_after_losing_a_node(tmp_pat
 
 def wait_for_step(run: Path, step: int, job_id: str, ray_head, timeout: float = 300) -> int:
     """Wait until the run has logged ``step``; returns the last step logged then."""
-    deadline = time.time() + timeout
+    deadline, offset, last = time.time() + timeout, 0, 0
     while time.time() < deadline:
-        metrics = run / "metrics.jsonl"
-        steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines()
-                 if line.endswith("}")] if metrics.exists() else []
-        if steps and max(steps) >= step:
-            return max(steps)
+        records, offset = read_records(RunFolder(run).metrics, offset)  # complete lines only, each read once
+        last = max([last, *(r.get("step", 0) for r in records)])
+        if last >= step:
+            return last
         assert ray_head.job_status(job_id) in ("PENDING", "RUNNING"), ray_head.job_status(job_id)
         time.sleep(0.1)
     raise AssertionError(f"the job did not reach step {step} in {timeout:.0f}s")
