@@ -160,6 +160,8 @@ class ModelServer:
 
     def replica_status(self) -> dict[str, Any]:
         status = self.pool.status() if self.multi else {"models_loaded": [self.spec.model_id]}
+        status["generation"] = {served.spec.model_id: served.model.counts() for served in self._loaded()
+                                if served.spec.task == "causal_lm"}
         try:
             status["replica"] = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a replica (tests of the router alone)
@@ -220,10 +222,12 @@ class ModelServer:
 
     def check_health(self) -> None:
         """Serve's health check: a causal LM whose engine thread died fails it, and Serve replaces the replica."""
-        loaded = self.pool.loaded.values() if self.multi else [self.single]
-        for served in list(loaded):
+        for served in self._loaded():
             if served.spec.task == "causal_lm" and not served.model.engine.alive():
                 raise RuntimeError(f"{served.spec.model_id}: the generation engine has stopped")
+
+    def _loaded(self) -> list:
+        return list(self.pool.loaded.values()) if self.multi else [self.single]
 
 
 @dataclass(frozen=True)

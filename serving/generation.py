@@ -77,6 +77,7 @@ class Generator:
         self.engine = build_engine(self.plan, self.model, self.eos_ids, device)
         self.waiting = 0  # submitted, no token yet
         self.running = 0  # generating
+        self.abandoned = 0  # requests whose client went away before the end (their slots freed at once)
         logger.info("%s: %s", spec.model_id, self.plan.describe())
 
     def close(self) -> None:
@@ -119,7 +120,7 @@ class Generator:
         request_id = f"gen-{next(_request_ids)}"
         timing = timing or Timing(time.monotonic())
         text = _Text(self._decoder, params.stop, self.eos_ids)
-        finished = False
+        finished = ended = False  # ended: by the deadline or an engine error
         alarm = loop.call_later(max(0.0, deadline - time.monotonic()), updates.put_nowait, _DEADLINE)
         self.waiting += 1
         self.engine.submit(request_id, prompt_ids, params, updates.put_nowait)
@@ -129,11 +130,13 @@ class Generator:
                 while not updates.empty() and update is not _DEADLINE:  # fell behind: each holds all tokens
                     update = updates.get_nowait()
                 if update is _DEADLINE:
+                    ended = True
                     if text.pending:
                         yield text.pending
                     yield Finished("timeout", text.count)
                     return
                 if update.error:
+                    ended = True
                     raise ServingError(500, f"Generation failed: {update.error}", code="generation_failed")
                 if timing.first is None and update.tokens:
                     timing.first = time.monotonic()
@@ -155,6 +158,13 @@ class Generator:
                 self.running -= 1
             if not finished or text.stopped_early:
                 self.engine.cancel(request_id)  # client gone, deadline, or a stop sequence: free the slot
+            if not finished and not ended:
+                self.abandoned += 1
+
+    def counts(self) -> dict[str, int]:
+        """Requests in the engine now (``running``: generating, ``waiting``: no token yet), and how many were
+        abandoned by their client so far (``/v1/replica``)."""
+        return {"running": self.running, "waiting": self.waiting, "abandoned": self.abandoned}
 
 
 _DEADLINE = object()

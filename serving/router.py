@@ -98,7 +98,8 @@ def _add_common_routes(app: FastAPI, server) -> None:
 
     @app.get("/v1/replica")
     async def replica() -> dict[str, Any]:
-        """What this replica holds (loaded models, shared LoRA bases, loads, evictions, memory)."""
+        """What this replica holds (loaded models, shared LoRA bases, loads, evictions, memory) and, for each
+        loaded causal LM, its requests running and waiting in the engine and those abandoned by their client."""
         return server.replica_status()
 
 

@@ -31,7 +31,7 @@ OTHER = "python" if SERVE_PROXY == "haproxy" else "haproxy"
 CHILD_TIMEOUT_S = 900
 
 # Where the two ingresses differ: who answers a path outside every app (404), backpressure (503) and Serve's
-# timeout (408), where request ids come from, and how SSE reaches the client.
+# timeout (408), where request ids come from, how SSE reaches the client, and how a client's disconnect does.
 INGRESS_TESTS = [
     "tests/integration/test_serve_api.py::test_serve_runs_the_configured_ingress",
     "tests/integration/test_serve_api.py::test_endpoint_of_another_task_is_404",
@@ -39,6 +39,7 @@ INGRESS_TESTS = [
     "tests/integration/test_serve_api.py::test_access_log_has_one_json_line_per_request",
     "tests/integration/test_serve_ops.py::test_backpressure_answers_503_with_the_error_shape",
     "tests/integration/test_serve_ops.py::test_request_timeout_answers_408",
+    "tests/integration/test_serve_ops.py::test_a_client_that_goes_away_frees_its_generation",
 ]
 
 
