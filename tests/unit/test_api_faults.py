@@ -33,7 +33,8 @@ def test_db_path_puts_the_state_apart_from_the_data(tmp_path):
     with TestClient(build_app(make_settings(tmp_path, db_file=db))) as c:
         file_id = upload(c, jsonl(sentiment_rows(100))).json()["id"]
     assert db.is_file() and (tmp_path / "local-disk" / "state.sqlite3.lock").is_file()
-    assert not (tmp_path / "data" / "api.sqlite3").exists() and (tmp_path / "data" / "files" / f"{file_id}.jsonl").is_file()
+    assert not (tmp_path / "data" / "api.sqlite3").exists()
+    assert (tmp_path / "data" / "files" / f"{file_id}.jsonl").is_file()
     assert Store(db).get_file(file_id)["id"] == file_id
 
 

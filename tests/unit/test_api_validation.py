@@ -82,7 +82,8 @@ def test_preference_files_upload_for_a_causal_lm_and_are_checked_by_the_job_meth
     assert check_job_files(dpo, stored(pairs), None) is None
     chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(4))
     problem = check_job_files(dpo, stored(chat), None)
-    assert problem.param == "training_file" and "line 1: training.method dpo reads preference records" in problem.message
+    assert problem.param == "training_file"
+    assert "line 1: training.method dpo reads preference records" in problem.message
 
 
 def test_column_settings_of_the_base_config_apply(tmp_path):

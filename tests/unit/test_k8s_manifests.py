@@ -526,7 +526,8 @@ def test_the_image_lock_pins_and_hashes_what_requirements_txt_pins():
                       re.MULTILINE)
     assert pins
     for name, version in pins:
-        assert locked.get(name.lower().replace("_", "-")) == version, f"{name}=={version}: lock has {locked.get(name.lower())}"
+        key = name.lower().replace("_", "-")
+        assert locked.get(key) == version, f"{name}=={version}: lock has {locked.get(key)}"
 
 
 def test_every_container_has_requests_and_limits():
