@@ -118,3 +118,38 @@ def run_storage_dir() -> str | None:
     if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
         return storage.experiment_fs_path
     return None
+
+
+def started_here() -> bool:
+    """Whether this process started the Ray instance it is connected to (``ray.init`` of a local instance, whose
+    processes and placement groups end with this one). Reads the private ``ray._private.worker._global_node``:
+    False when it moved."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    try:
+        return bool(node is not None and node.is_head())
+    except Exception:  # noqa: BLE001 - internals moved: take the cautious answer
+        return False
+
+
+def without_placement_group_cleaner(trainer_cls: type) -> type:
+    """``trainer_cls`` (Ray Train's TorchTrainer) without Ray Train's placement-group cleaner.
+
+    For each run Ray Train starts a detached actor that removes the run's placement group should its controller
+    die ungracefully, and the controller waits for that actor (a new process: about 2 s of a run's start-up on 2
+    cores). A run on a local instance started by its own process has no use for it: the placement group goes with
+    the instance, which ends with that process. Overrides the private ``_create_default_callbacks``; when the
+    callback's class moved, the trainer keeps its cleaner."""
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return trainer_cls
+
+    class LocalTrainer(trainer_cls):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+    LocalTrainer.__name__ = LocalTrainer.__qualname__ = trainer_cls.__name__
+    return LocalTrainer

@@ -26,6 +26,7 @@ from ray.train import UserCallback
 from core import timings
 from core.config import RunConfig, dump_config
 from core.errors import UserError
+from core.ray_private import started_here, without_placement_group_cleaner
 from core.run_folder import CHECKPOINTS, RunFolder, read_records
 from training.ds_config import single_rank_runs_zero_0
 from training.loop import TrainPlan, train_loop_per_worker
@@ -205,6 +206,8 @@ def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callba
     train_options = DataConfig.default_ingest_options()
     train_options.preserve_order = True  # same order after a restart, so the skipped batches are the seen ones
     resources = cfg.scaling.resources_per_worker or ({"CPU": 1, "GPU": 1} if plan.use_gpu else {"CPU": 1})
+    if started_here():  # a local instance that ends with this process, and its placement groups with it
+        TorchTrainer = without_placement_group_cleaner(TorchTrainer)  # noqa: N806
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "plan": plan, "labels": labels},
