@@ -138,9 +138,11 @@ def without_placement_group_cleaner(trainer_cls: type) -> type:
 
     For each run Ray Train starts a detached actor that removes the run's placement group should its controller
     die ungracefully, and the controller waits for that actor (a new process: about 2 s of a run's start-up on 2
-    cores). A run on a local instance started by its own process has no use for it: the placement group goes with
-    the instance, which ends with that process. Overrides the private ``_create_default_callbacks``; when the
-    callback's class moved, the trainer keeps its cleaner."""
+    cores). On a local instance it does nothing useful: it watches the controller through the state API, which
+    needs the dashboard that rayfine's local instances run without, and the placement group of a run goes with
+    the instance, which ends with the process that started it (a Tune search's sweeper,
+    ``training.tune.sweep_stopped_train_runs``, removes those of stopped trials). Overrides the private
+    ``_create_default_callbacks``; when the callback's class moved, the trainer keeps its cleaner."""
     try:
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:

@@ -194,9 +194,10 @@ def build_datasets(cfg: RunConfig, labels, summary=None) -> dict:
 
 
 def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callbacks=(), summary=None,
-                  spread: bool = False):
+                  spread: bool = False, local: bool = False):
     """The TorchTrainer of one run (datasets from the Ray Data pipeline, see ``build_datasets``); ``spread``:
-    one worker per node (``training.scaling``)."""
+    one worker per node (``training.scaling``); ``local``: the run is on a local instance, whose placement groups
+    need no cleaner (``core.ray_private.without_placement_group_cleaner``)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -206,7 +207,7 @@ def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callba
     train_options = DataConfig.default_ingest_options()
     train_options.preserve_order = True  # same order after a restart, so the skipped batches are the seen ones
     resources = cfg.scaling.resources_per_worker or ({"CPU": 1, "GPU": 1} if plan.use_gpu else {"CPU": 1})
-    if started_here():  # a local instance that ends with this process, and its placement groups with it
+    if local:
         TorchTrainer = without_placement_group_cleaner(TorchTrainer)  # noqa: N806
     return TorchTrainer(
         train_loop_per_worker,
@@ -236,12 +237,13 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool = True, parameter_count=None,
-            tracker=None, spread: bool = False):
+            tracker=None, spread: bool = False, local: bool | None = None):
     """Build and fit the trainer; returns Ray's Result. Raises UserError on a failed run.
 
     ``progress=False`` skips the per-report lines (a Tune trial's driver prints nowhere a user looks).
     ``tracker``: a started ``training.tracking.RunTracker`` that gets every report.
     ``parameter_count``: ``preflight.start_checks(cfg).parameter_count``, when the count was started earlier.
+    ``local``: Ray is a local instance (default: whether this process started the one it is connected to).
     ``cfg.scaling.num_workers`` is a number here (``training.scaling.resolve_workers``)."""
     import ray
     import ray.train
@@ -259,7 +261,7 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
         logger.info(f"DeepSpeed: ZeRO-{plan.zero_stage} (deepspeed.stage {cfg.deepspeed.stage} partitions nothing "
                     "with one worker; the same training without its bookkeeping)")
     trainer = build_trainer(cfg, plan, labels, run_dir, [MetricsLogCallback(run_dir), *callbacks], summary,
-                            spread=spread)
+                            spread=spread, local=started_here() if local is None else local)
     printer = (ProgressPrinter(RunFolder(run_dir).metrics, plan.total_steps, tracker, show=progress)
                if progress or tracker is not None else None)
     if printer:

@@ -111,10 +111,10 @@ def trial_config(base: RunConfig, params: dict, trial_dir: Path) -> RunConfig:
 
 
 def run_trial(params: dict, base: RunConfig, summary, tune_dir: str, parent_run_id: Optional[str] = None,
-              tracking_uri: Optional[str] = None) -> None:
+              tracking_uri: Optional[str] = None, local: bool = False) -> None:
     """The Tune trainable: one rayfine training run (Ray Train workers with DeepSpeed, as ``rayfine train``);
     tracked as a child run of the search's (``parent_run_id``, in its store ``tracking_uri``) when ``tracking:``
-    is on."""
+    is on. ``local``: the search runs on a local instance (its sweeper removes what stopped trials leave)."""
     import ray.tune
 
     trial_dir = Path(tune_dir) / f"trial_{ray.tune.get_context().get_trial_id()}"
@@ -127,7 +127,7 @@ def run_trial(params: dict, base: RunConfig, summary, tune_dir: str, parent_run_
         tracker.start()
     try:
         result, _ = fit_run(cfg, summary, trial_dir, callbacks=[ReportToTune(metric, trial_dir)], progress=False,
-                            tracker=tracker)
+                            tracker=tracker, local=local)
     except BaseException:  # a failed trial, or one ASHA stopped (Tune ends its actor)
         tracker.finish(failed=True)
         raise
@@ -424,7 +424,8 @@ def tune_command(cfg: RunConfig, local: bool = True) -> TuneResult:
     try:
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=cfg, summary=summary, tune_dir=str(tune_dir),
-                                 parent_run_id=search.run_id, tracking_uri=search.uri), TRIAL_DRIVER_RESOURCES)
+                                 parent_run_id=search.run_id, tracking_uri=search.uri, local=local),
+            TRIAL_DRIVER_RESOURCES)
         if tune.Tuner.can_restore(tune_dir):
             check_same_search(cfg, tune_dir)
             logger.info(f"Resuming the search in {tune_dir}")

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from core.config import MlflowConfig
+from core.ray_private import actor_table
 from tests.integration.helpers import classification_config, read_metrics, wait_for_no_actors
 from training.tune import tune_command
 
@@ -77,6 +78,9 @@ def test_asha_search_stops_weak_trials_fails_a_diverging_one_and_exports_the_bes
         assert int(row["steps"]) < STEPS
         assert not any(m.get("final") for m in read_metrics(tune_dir / f"trial_{row['trial_id']}"))
     assert sum(int(r["steps"]) for r in rows) < 2 * STEPS
+    # On a local instance no trial (and no other run of this session) started Ray Train's placement-group
+    # cleaner: the search's sweeper removed what the stopped trials left.
+    assert not [a for a in actor_table().values() if a["ActorClassName"] == "PlacementGroupCleaner"]
 
     # The best is the finished trial with the lowest final eval loss, and its model is the exported one.
     finished = [r for r in rows if r["status"] == "finished"]
