@@ -52,7 +52,8 @@ _LOCAL_PORT_ENVS = HAPROXY_PORT_ENVS
 # default, 30 s, is for cloud load balancers). A local instance has one node and one HAProxy, reconfigured
 # within a second: a 30 s hold would only make `rayfine serve` take 30 s to stop.
 _DRAIN_ENV, _LOCAL_DRAIN_S = DRAINING_PERIOD_ENV, "2"
-LOCAL_ENV = (HAPROXY_ENV, *_LOCAL_PORT_ENVS, _DRAIN_ENV, *HAPROXY_PATH_ENVS)  # every env var use_ingress may set
+LOCAL_ENV = (HAPROXY_ENV, *_LOCAL_PORT_ENVS, _DRAIN_ENV, *HAPROXY_PATH_ENVS,  # every env var use_ingress may set
+             HAPROXY_BINARY_ENV)
 
 # The ingress use_ingress chose when it did not follow serve.proxy (the env's explicit choice, or the fallback
 # without a binary): the user chose it or was told, so check_ingress need not warn about it again.
@@ -71,6 +72,15 @@ def haproxy_binary() -> Optional[str]:
         return get_haproxy_binary()
     except (ImportError, OSError):  # not installed, or no usable binary in it
         return shutil.which("haproxy")
+
+
+def haproxy_launcher() -> Optional[str]:
+    """``rayfine-haproxy`` beside this Python (``cluster.haproxy_launch``: HAProxy with its stats page and exporter
+    on ``serve.host`` and a private admin socket); None when it is not installed there."""
+    import sys
+
+    path = os.path.join(os.path.dirname(sys.executable), "rayfine-haproxy")
+    return path if os.access(path, os.X_OK) else None
 
 
 def use_ingress(proxy: Optional[str] = None) -> str:
@@ -100,6 +110,9 @@ def use_ingress(proxy: Optional[str] = None) -> str:
     _not_as_configured = chosen if chosen != proxy else None
     os.environ.setdefault(HAPROXY_ENV, "1" if chosen == "haproxy" else "0")
     if chosen == "haproxy":
+        launcher = haproxy_launcher()
+        if launcher and not os.environ.get(HAPROXY_BINARY_ENV):  # a binary the env names is run as it is
+            os.environ[HAPROXY_BINARY_ENV] = launcher
         for key in _LOCAL_PORT_ENVS:
             os.environ.setdefault(key, str(free_port()))
         os.environ.setdefault(_DRAIN_ENV, _LOCAL_DRAIN_S)

@@ -97,14 +97,32 @@ def test_serve_runs_the_configured_ingress(urls):
     assert active_ingress() == SERVE_PROXY
 
 
-def test_haproxy_keeps_its_admin_socket_where_only_this_user_can_enter(urls):
+def test_haproxy_keeps_its_admin_socket_and_stats_to_this_user_and_host(urls):
+    """HAProxy's files live where only this user may enter, its admin socket is this user's only, and its stats
+    page and Prometheus exporter listen on serve.host (127.0.0.1 here), not on every interface."""
+    import socket
+
+    import ray
+
     if SERVE_PROXY != "haproxy":
         pytest.skip("this session runs Serve's Python proxy")
     assert urls["cls"]
     base = Path(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent  # Serve adds a node-id folder inside
-    assert list(base.glob("*/admin.sock")), list(base.rglob("*"))
+    admin = base / ray.get_runtime_context().get_node_id() / "admin.sock"
     info = base.stat()
     assert info.st_uid == os.getuid() and info.st_mode & 0o777 == 0o700
+    assert admin.stat().st_mode & 0o777 == 0o600
+    stats_port = int(os.environ["RAY_SERVE_HAPROXY_STATS_PORT"])
+    metrics_port = int(os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"])
+    assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").status_code == 200
+    with socket.create_connection(("127.0.0.1", stats_port), timeout=5):
+        pass
+    other = ray.util.get_node_ip_address()  # this machine's address on its network
+    if other.startswith("127."):
+        pytest.skip("no interface but loopback to try")
+    for port in (stats_port, metrics_port):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((other, port), timeout=5).close()
 
 
 def test_healthz_and_models(urls, client):

@@ -660,6 +660,10 @@ def test_run_config_in_the_configmap_is_valid():
     assert all("://" in d or d.startswith(SHARED_MOUNT) for d in data), "data must be reachable from every pod"
 
 
+# rayfine-haproxy (cluster.haproxy_launch) where the image's pip installs it; the Dockerfile checks the path.
+HAPROXY_LAUNCHER = "/home/ray/anaconda3/bin/rayfine-haproxy"
+
+
 def test_rayservice_serves_the_trained_model():
     from core.config import ServeConfig, load_config
 
@@ -693,7 +697,10 @@ def test_rayservice_serves_the_trained_model():
                 f"{group_name}: {serve.api_keys_env} must come from a Secret (serve.api_keys_env)"
             assert not key_env["valueFrom"]["secretKeyRef"].get("optional"), "serve without keys: fail closed"
             assert any(app["args"]["model_dir"].startswith(m["mountPath"]) for m in c.get("volumeMounts", []))
+            if env.get("RAY_SERVE_ENABLE_HA_PROXY", {}).get("value") == "1":  # HAProxy through the launcher
+                assert env["RAY_SERVE_HAPROXY_BINARY_PATH"]["value"] == HAPROXY_LAUNCHER, group_name
     assert service["spec"]["rayClusterConfig"].get("enableInTreeAutoscaling") is True
+    assert f'test "$(command -v rayfine-haproxy)" = {HAPROXY_LAUNCHER}' in (K8S_DIR / "Dockerfile").read_text()
     assert service["spec"].get("upgradeStrategy", {}).get("type")
 
 

@@ -7,11 +7,13 @@ import platform
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import yaml
 
 from cluster import ingress
+from cluster.haproxy_launch import harden
 from cluster.ingress import HAPROXY_ENV, LOCAL_ENV, haproxy_binary, use_ingress
 from core.config import ServeConfig, load_config
 from core.errors import ConfigError
@@ -48,6 +50,53 @@ def test_haproxy_sets_the_env_of_a_local_instance(clean_env):
     ports = {int(env[key]) for key in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")}
     assert len(ports) == 2 and not ports & {9101, 8500}  # free ports, not Serve's fixed ones
     assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(Path(sys.executable).parent / "rayfine-haproxy")
+
+
+def test_a_binary_the_env_names_is_run_as_it_is(clean_env):
+    real = haproxy_binary()
+    clean_env.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", real)
+    assert use_ingress("haproxy") == "haproxy"
+    assert ingress.os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] == real
+
+
+# The lines of Ray 2.60's HAProxy template that the launcher changes, and their neighbours, as Serve renders them.
+SERVE_CONFIG = """global
+    stats socket /tmp/rayfine-haproxy-0/node/admin.sock mode 666 level admin expose-fd listeners
+    stats timeout 30s
+frontend prometheus
+    bind :9101
+    mode http
+frontend http_frontend
+    bind {host}:8000
+    mode http
+backend default_backend
+    server replica-1 127.0.0.1:30001 check
+listen stats
+  bind *:8404
+  stats enable
+"""
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "10.1.2.3"])
+def test_the_launcher_binds_stats_and_exporter_on_the_serve_host_and_closes_the_socket(host):
+    hardened = harden(SERVE_CONFIG.format(host=host))
+    assert hardened == (SERVE_CONFIG.format(host=host)
+                        .replace("mode 666 level admin", "mode 600 level admin")
+                        .replace("bind :9101", f"bind {host}:9101").replace("bind *:8404", f"bind {host}:8404"))
+    assert harden(hardened) == hardened  # a reload rewrites nothing more
+
+
+def test_the_launcher_runs_the_bundled_haproxy_with_its_arguments(tmp_path):
+    if haproxy_binary() is None:
+        pytest.skip("no HAProxy binary")
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(SERVE_CONFIG.format(host="127.0.0.1").replace("/tmp/rayfine-haproxy-0/node", str(tmp_path)))
+    launcher = Path(sys.executable).parent / "rayfine-haproxy"
+    check = subprocess.run([str(launcher), "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr  # HAProxy itself validated the rewritten file
+    text = config.read_text()
+    assert "bind 127.0.0.1:8404" in text and "bind 127.0.0.1:9101" in text and "mode 600 level admin" in text
 
 
 def test_python_sets_only_the_switch(clean_env):
