@@ -3,8 +3,8 @@ doing the same job in one process.
 
     .venv/bin/python benchmarks/startup.py [--runs 3] [--config ray_config.yaml]
 
-Each side runs as a fresh process, `--runs` times, alternating (warm caches: the first rayfine run of a machine
-also compiles DeepSpeed's CPU op; run the script once before measuring). For each: seconds from process start to
+Each side runs as a fresh process, `--runs` times, alternating (warm caches: run the script once before
+measuring, so that the file cache holds the libraries and the model). For each: seconds from process start to
 the first completed optimizer step, to the end, and the final validation accuracy. Figures are medians with the
 spread (min-max), and the 1-minute load average before each run is printed beside them: measure on a quiet
 machine.

@@ -106,23 +106,31 @@ def _configure_logging() -> None:
         ours.addHandler(handler)
 
 
-def import_deepspeed():
-    """``deepspeed``, imported without MLflow. DeepSpeed's autotuner imports ``mlflow`` when deepspeed is
-    imported, if it is installed, for its own experiment logging: about 1.3 s of every worker's start-up on 2
-    cores. rayfine runs no DeepSpeed autotuning and tracks runs from the driver (``training.tracking``), so the
-    workers hide mlflow while deepspeed loads; mlflow imports normally afterwards."""
+def import_deepspeed(use_gpu: bool):
+    """``deepspeed``, ready for a training engine.
+
+    - Imported without MLflow: DeepSpeed's autotuner imports ``mlflow`` when deepspeed is imported, if it is
+      installed, for its own experiment logging (0.5-1.3 s of every worker's start-up on 2 cores). rayfine runs no
+      DeepSpeed autotuning and tracks runs from the driver (``training.tracking``), so mlflow is hidden while
+      deepspeed loads and imports normally afterwards.
+    - On CPU, without its shared-memory all-reduce op: DeepSpeed's comm layer builds that C++ op when it starts
+      (a compile of 25-60 s the first time on each machine and virtualenv), and only its inference all-reduce
+      (tensor-parallel inference) uses it; training reduces through torch.distributed (gloo).
+    """
+    import importlib
     import sys
 
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         import deepspeed
-
-        return deepspeed
-    sys.modules["mlflow"] = None  # ``import mlflow`` raises ImportError: the autotuner runs without it
-    try:
-        import deepspeed
-    finally:
-        if sys.modules.get("mlflow", False) is None:
-            del sys.modules["mlflow"]
+    else:
+        sys.modules["mlflow"] = None  # ``import mlflow`` raises ImportError: the autotuner runs without it
+        try:
+            import deepspeed
+        finally:
+            if sys.modules.get("mlflow", False) is None:
+                del sys.modules["mlflow"]
+    if not use_gpu:  # the module's own global, looked up when the comm backend starts
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
 
 
@@ -291,7 +299,7 @@ class Worker:
     def build_engine(self):
         import torch
 
-        deepspeed = import_deepspeed()
+        deepspeed = import_deepspeed(self.plan.use_gpu)
 
         # Join DeepSpeed's comm layer to the process group Ray Train already set up; DeepSpeed's config
         # (built below, also by HfDeepSpeedConfig) reads the world size from it.
@@ -537,11 +545,11 @@ class Worker:
 def use_this_environments_ninja() -> None:
     """Put the bin folder of this Python environment first on PATH when it holds a ``ninja``.
 
-    DeepSpeed builds its CPU communication op on first use with the first ``ninja`` on PATH, into one cache folder
-    (``~/.cache/torch_extensions``). Ninja versions keep incompatible build logs: a system ninja (1.11) and the one
-    pip installs with DeepSpeed (1.13) each take the other's build for stale and compile the op again, about 40 s
-    on 2 cores, each time processes started with one PATH follow processes started with the other (``rayfine``
-    run from an unactivated venv, then a ``ray start`` from an activated one)."""
+    DeepSpeed builds its C++ ops (CPU Adam for optimizer offload) on first use with the first ``ninja`` on PATH,
+    into one cache folder (``~/.cache/torch_extensions``). Ninja versions keep incompatible build logs: a system
+    ninja (1.11) and the one pip installs with DeepSpeed (1.13) each take the other's build for stale and compile
+    the op again, about 40 s on 2 cores, each time processes started with one PATH follow processes started with
+    the other (``rayfine`` run from an unactivated venv, then a ``ray start`` from an activated one)."""
     import sys
 
     bin_dir = os.path.dirname(sys.executable)

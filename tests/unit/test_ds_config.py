@@ -143,3 +143,28 @@ def test_workers_build_deepspeed_ops_with_the_ninja_of_their_environment(monkeyp
     assert shutil.which("ninja") == os.path.join(bin_dir, "ninja")
     use_this_environments_ninja()
     assert os.environ["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]
+
+
+def test_deepspeed_on_cpu_starts_its_comm_layer_without_compiling_an_op(tmp_path):
+    """DeepSpeed's CPU comm backend would compile its shared-memory all-reduce op (25-60 s on a fresh machine);
+    training does not use it, and the workers' import of deepspeed leaves it out. In a child process: the comm
+    layer starts with an empty extensions folder, which stays empty."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    child = ("import torch.distributed as dist\n"
+             "from training.loop import import_deepspeed\n"
+             "deepspeed = import_deepspeed(use_gpu=False)\n"
+             "deepspeed.init_distributed(dist_backend='gloo')\n"
+             "import importlib\n"
+             "backend = importlib.import_module('deepspeed.comm.comm').cdb\n"
+             "assert dist.get_world_size() == 1 and backend.shm_comm_op is None\n")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    done = subprocess.run([sys.executable, "-c", child], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "extensions").exists() or not any((tmp_path / "extensions").rglob("*.so"))
