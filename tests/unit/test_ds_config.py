@@ -154,6 +154,7 @@ def test_deepspeed_on_cpu_starts_its_comm_layer_without_compiling_an_op(tmp_path
     import sys
 
     from tests.conftest import REPO
+    from tests.serve_fixtures import free_port
 
     child = ("import torch.distributed as dist\n"
              "from training.loop import import_deepspeed\n"
@@ -163,7 +164,8 @@ def test_deepspeed_on_cpu_starts_its_comm_layer_without_compiling_an_op(tmp_path
              "backend = importlib.import_module('deepspeed.comm.comm').cdb\n"
              "assert dist.get_world_size() == 1 and backend.shm_comm_op is None\n")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1"}
     done = subprocess.run([sys.executable, "-c", child], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
