@@ -20,14 +20,18 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/rayfine run ray_config.yaml --detach
 
+# Two pytest-xdist workers, each with its own Ray: one worker's Ray start-ups and imports fill the other's waits.
+# Tests run in groups, the longest first (tests/conftest.py).
+XDIST := -n 2
+
 test: setup
-	$(VENV)/bin/python -m pytest -q --durations=15 tests
+	$(VENV)/bin/python -m pytest -q $(XDIST) --durations=15 tests
 
 test-unit: setup
 	$(VENV)/bin/python -m pytest -q tests/unit
 
 test-integration: setup
-	$(VENV)/bin/python -m pytest -q tests/integration
+	$(VENV)/bin/python -m pytest -q $(XDIST) tests/integration
 
 test-gpu: setup
 	$(VENV)/bin/python -m pytest -q tests/gpu

@@ -13,16 +13,58 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# `make test` runs the suite on two pytest-xdist workers (`-n 2`): a group of tests runs whole on one worker (its
+# module- and package-scoped fixtures are built once), and a worker takes the next group in this order when it is
+# nearly done with its last (``GroupScheduling``). The long groups go first, so that the two workers end together;
+# the rest (short integration modules, then the unit tests) follow in collection order and fill in. A run without
+# xdist runs the same order.
+CLUSTER = "tests/integration/cluster/"  # the two-node `ray start` cluster: first, before any in-process Ray
+CLASSIFIER = ("tests/integration/test_train_classification.py",  # the shared classification run's tests
+              "tests/integration/test_resume_and_invariants.py")
+LONG_GROUPS = (
+    "cluster",
+    "classifier",
+    "tests/integration/test_tune.py",
+    "tests/integration/test_serve_ops.py",
+    "tests/integration/test_serve_ingress.py",  # waits for its child pytest (see there)
+    "tests/integration/test_train_dpo.py",
+    "tests/integration/test_serve_api.py",
+    "tests/integration/test_train_causal_lm.py",
+    "tests/integration/test_train_ner_qa.py",
+)
+
+
+def group_of(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
+    if path.startswith(CLUSTER):
+        return "cluster"
+    return "classifier" if path in CLASSIFIER else path
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests on the two-node ``ray start`` cluster (fixture ``ray_head``) run last: the cluster then never idles
-    under the rest of the suite, and the session's in-process Ray can be shut down before it starts."""
-    items.sort(key=lambda item: "ray_head" in getattr(item, "fixturenames", ()))
+    rank = {name: i for i, name in enumerate(LONG_GROUPS)}
+    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(LONG_GROUPS)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        """xdist's scope scheduling with ``group_of``'s groups as scopes (its own ``xdist_group`` marks are lost
+        under pytest 9.2, pytest-xdist#1386), dealt in collection order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    config.option.loadscopereorder = False  # keep LONG_GROUPS' order, not the largest groups first
+    return GroupScheduling(config, log)
 
 
 def pytest_collection_finish(session):
     """test_serve_ingress.py's child pytest starts as soon as its test is among those collected: it runs while the
-    session's other tests do (``OtherIngressRun``)."""
-    if session.config.option.collectonly:
+    session's other tests do (``OtherIngressRun``). Under xdist, every worker collects every test: the child starts
+    when its test runs, while the other worker goes on."""
+    if session.config.option.collectonly or hasattr(session.config, "workerinput"):
         return
     if any(item.nodeid.startswith("tests/integration/test_serve_ingress.py::") for item in session.items):
         from tests.integration.test_serve_ingress import OtherIngressRun

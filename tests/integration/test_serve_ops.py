@@ -29,6 +29,7 @@ def models(tiny_models):
 
 @pytest.fixture(scope="module")
 def serve_port(ray_local):
+    serve.shutdown()  # a Serve that an earlier module left up keeps its own port: this module's apps need theirs
     try:
         yield free_port()
     finally:
