@@ -7,7 +7,7 @@ treat a failure as "unknown" where they can (a nicer message or a clean-up is lo
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 RAY_VERSION_CHECKED = "2.60.0"
 
@@ -133,25 +133,38 @@ def started_here() -> bool:
         return False
 
 
-def without_placement_group_cleaner(trainer_cls: type) -> type:
-    """``trainer_cls`` (Ray Train's TorchTrainer) without Ray Train's placement-group cleaner.
+def trimmed_trainer(trainer_cls: type, local: bool) -> type:
+    """``trainer_cls`` (Ray Train's TorchTrainer) without the default callbacks a run has no use for:
 
-    For each run Ray Train starts a detached actor that removes the run's placement group should its controller
-    die ungracefully, and the controller waits for that actor (a new process: about 2 s of a run's start-up on 2
-    cores). On a local instance it does nothing useful: it watches the controller through the state API, which
-    needs the dashboard that rayfine's local instances run without, and the placement group of a run goes with
-    the instance, which ends with the process that started it (a Tune search's sweeper,
-    ``training.tune.sweep_stopped_train_runs``, removes those of stopped trials). Overrides the private
-    ``_create_default_callbacks``; when the callback's class moved, the trainer keeps its cleaner."""
+    - Ray Train's placement-group cleaner, on a local instance (``local``). For each run Ray Train starts a
+      detached actor that removes the run's placement group should its controller die ungracefully, and the
+      controller waits for that actor (a new process: about 2 s of a run's start-up on 2 cores). On a local
+      instance it does nothing useful: it watches the controller through the state API, which needs the dashboard
+      that rayfine's local instances run without, and the placement group of a run goes with the instance, which
+      ends with the process that started it (a Tune search's sweeper, ``training.tune.sweep_stopped_train_runs``,
+      removes those of stopped trials).
+    - Its datasets callback, for a trainer given no Ray Dataset (small data, held in the object store:
+      ``training.data.held_split``): it starts a DatasetManager actor, a process, for each worker group anyway.
+
+    Overrides the private ``_create_default_callbacks``; a callback whose class moved is kept."""
+    unneeded: list[tuple[type, Callable[[Any], bool]]] = []
     try:
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        unneeded.append((PlacementGroupCleanerCallback, lambda trainer: local))
     except ImportError:
-        return trainer_cls
+        pass
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
-    class LocalTrainer(trainer_cls):
+        unneeded.append((DatasetsCallback, lambda trainer: not trainer.datasets))
+    except ImportError:
+        pass
+
+    class TrimmedTrainer(trainer_cls):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
+            drop = tuple(cls for cls, applies in unneeded if applies(self))
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, drop)]
 
-    LocalTrainer.__name__ = LocalTrainer.__qualname__ = trainer_cls.__name__
-    return LocalTrainer
+    TrimmedTrainer.__name__ = TrimmedTrainer.__qualname__ = trainer_cls.__name__
+    return TrimmedTrainer

@@ -18,7 +18,7 @@ _marks: list[tuple[float, str]] = []  # (when the phase ended, its name)
 # What rank 0 sends, in the order its phases run: (key, name)
 WORKER_PHASES = (("worker_start", "Train controller, worker group, torch process group"),
                  ("engine_built", "model load + DeepSpeed engine"),
-                 ("first_batch", "first batch from Ray Data"),
+                 ("first_batch", "first batch of data"),
                  ("first_step", "first optimizer step"))
 
 

@@ -4,8 +4,9 @@ Reading is a Ray Data operation over the list of shards (one task reads one shar
 every record is checked where it is read and a problem can name its file and line. Tokenization runs in Ray
 Data tasks with one tokenizer per worker process (``process_tokenizer``).
 The driver only ever sees small summaries, never the records, except for small local data
-(``IN_PROCESS_MAX_BYTES``): the driver reads and tokenizes it itself with the same functions, once, and hands
-the tokenized blocks to Ray Data (``read_in_process``, ``tokenized_blocks``).
+(``IN_PROCESS_MAX_BYTES``): the driver reads and tokenizes it itself with the same functions, once, and puts the
+tokenized rows in Ray's object store, where the workers read them without a Ray Data pipeline (``read_in_process``,
+``held_split``, ``HeldSplit``).
 """
 
 from __future__ import annotations
@@ -247,15 +248,58 @@ def read_in_process(files: list[tuple[str, str]], cfg: RunConfig, carve: float =
             yield BlockAccessor.for_block(BlockAccessor.batch_to_block(chunk)).to_batch_format("numpy")
 
 
-def tokenized_blocks(batches: list[dict[str, np.ndarray]], cfg: RunConfig, labels: LabelSpace | None):
-    """A materialized Ray Dataset of ``batches`` tokenized here: the rows ``tokenized`` makes of them."""
-    import ray.data
+def held_split(batches: list[dict[str, np.ndarray]], cfg: RunConfig, labels: LabelSpace | None):
+    """``batches`` tokenized here (the rows ``tokenized`` makes of them, in Ray Data's numpy batch format), put in
+    Ray's object store whole: the workers read it as a ``HeldSplit``. A small split needs no Ray Data execution,
+    split coordinator or dataset actors, which would cost more processes and CPU than the data itself."""
+    import ray
     from ray.data.block import BlockAccessor
 
     from training.tasks import get_adapter
 
     outputs = [tokenize_batch(b, cfg, labels) for b in batches] or [get_adapter(cfg).empty_tokens()]
-    return ray.data.from_blocks([BlockAccessor.batch_to_block(out) for out in outputs])
+    parts = [BlockAccessor.for_block(BlockAccessor.batch_to_block(out)).to_batch_format("numpy") for out in outputs]
+    return ray.put({key: _concat([part[key] for part in parts]) for key in parts[0]})
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """One column of several batches; rows of different shapes become an object array, as in Ray Data."""
+    if len({(part.dtype, part.shape[1:]) for part in parts}) == 1:
+        return np.concatenate(parts)
+    rows = np.empty(sum(len(part) for part in parts), dtype=object)
+    for i, row in enumerate(row for part in parts for row in part):
+        rows[i] = row
+    return rows
+
+
+class HeldSplit:
+    """A worker's share of a split that ``held_split`` put in the object store, read the way the loop reads a Ray
+    Data shard (``iter_batches``). ``world`` > 1 deals the rows to ranks: rank r gets rows r, r + world, ...,
+    floor(N / world) of them, as ``streaming_split(equal=True)`` would; evaluation splits are read whole."""
+
+    def __init__(self, columns: dict[str, np.ndarray], rank: int = 0, world: int = 1):
+        rows = len(next(iter(columns.values())))
+        keep = np.arange(rank, rows - rows % world, world)
+        self.columns = {key: column[keep] for key, column in columns.items()}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def iter_batches(self, *, batch_size: int, batch_format: str = "numpy", prefetch_batches: int = 1,
+                     local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None
+                     ) -> Iterator[dict[str, np.ndarray]]:
+        """Batches in the stored order, or, with a shuffle buffer, in an order drawn from ``local_shuffle_seed``
+        (every row of the share is in the buffer: a small split fits)."""
+        assert batch_format == "numpy", batch_format
+        order = np.arange(len(self))
+        if local_shuffle_buffer_size:
+            order = np.random.default_rng(local_shuffle_seed).permutation(len(self))
+        for start in range(0, len(self), batch_size):
+            idx = order[start: start + batch_size]
+            yield {key: column[idx] for key, column in self.columns.items()}
+
+    def take_all(self) -> list[dict[str, Any]]:
+        return [row for batch in self.iter_batches(batch_size=max(1, len(self))) for row in batch_rows(batch)]
 
 
 # ---- tokenizing -------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ray.train import UserCallback
 from core import timings
 from core.config import RunConfig, dump_config
 from core.errors import UserError
-from core.ray_private import started_here, without_placement_group_cleaner
+from core.ray_private import started_here, trimmed_trainer
 from core.run_folder import CHECKPOINTS, RunFolder, read_records
 from training.ds_config import single_rank_runs_zero_0
 from training.loop import TrainPlan, train_loop_per_worker
@@ -168,26 +168,27 @@ MATERIALIZE_MAX_TOKENS = 20_000_000
 
 
 def build_datasets(cfg: RunConfig, labels, summary=None) -> dict:
-    """The tokenized splits of a run; with the pre-flight ``summary``, the small ones materialized."""
-    from training.data import Splits, tokenized, tokenized_blocks
+    """The tokenized splits of a run: for small local data read by the pre-flight (``summary``), each an object
+    ref of the split held whole (``training.data.held_split``); else Ray Datasets, the small ones materialized."""
+    from training.data import Splits, held_split, tokenized
     from training.tasks import get_adapter
 
     splits = Splits(cfg)
     records = summary.records_for(cfg) if summary is not None else None
     if records is not None:  # small local data, read by the pre-flight
         names = ["train", "validation"] + (["test"] if splits.test else [])
-        datasets = {name: tokenized_blocks(records.get(name, []), cfg, labels) for name in names}
+        datasets = {name: held_split(records.get(name, []), cfg, labels) for name in names}
     else:
         datasets = {"train": tokenized(splits.records("train"), cfg, labels),
                     "validation": tokenized(splits.records("validation"), cfg, labels)}
         test = splits.records("test")
         if test is not None:
             datasets["test"] = tokenized(test, cfg, labels)
-    if summary is not None and records is None:
-        for split, dataset in datasets.items():
-            tokens = summary.tokens(split, cfg.data.max_seq_length)
-            if tokens is not None and tokens <= MATERIALIZE_MAX_TOKENS:
-                datasets[split] = dataset.materialize()
+        if summary is not None:
+            for split, dataset in datasets.items():
+                tokens = summary.tokens(split, cfg.data.max_seq_length)
+                if tokens is not None and tokens <= MATERIALIZE_MAX_TOKENS:
+                    datasets[split] = dataset.materialize()
     if get_adapter(cfg).reference_pass:  # DPO: every rank scores a share of the whole train split once
         datasets["reference"] = datasets["train"]
     return datasets
@@ -195,23 +196,25 @@ def build_datasets(cfg: RunConfig, labels, summary=None) -> dict:
 
 def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callbacks=(), summary=None,
                   spread: bool = False, local: bool = False):
-    """The TorchTrainer of one run (datasets from the Ray Data pipeline, see ``build_datasets``); ``spread``:
-    one worker per node (``training.scaling``); ``local``: the run is on a local instance, whose placement groups
-    need no cleaner (``core.ray_private.without_placement_group_cleaner``)."""
+    """The TorchTrainer of one run (its splits from ``build_datasets``: held ones travel in the loop's config,
+    Ray Datasets through Ray Train's ingest); ``spread``: one worker per node (``training.scaling``); ``local``:
+    the run is on a local instance, whose placement groups need no cleaner (``core.ray_private.trimmed_trainer``,
+    which also leaves out Ray Train's dataset actor when no split is a Ray Dataset)."""
+    from ray.data import Dataset
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    datasets = build_datasets(cfg, labels, summary)
-    timings.mark("datasets: tokenize, materialize small splits")
+    splits = build_datasets(cfg, labels, summary)
+    timings.mark("datasets: tokenize, hold or materialize small splits")
+    datasets = {name: split for name, split in splits.items() if isinstance(split, Dataset)}
+    held = {name: split for name, split in splits.items() if name not in datasets}
     train_options = DataConfig.default_ingest_options()
     train_options.preserve_order = True  # same order after a restart, so the skipped batches are the seen ones
     resources = cfg.scaling.resources_per_worker or ({"CPU": 1, "GPU": 1} if plan.use_gpu else {"CPU": 1})
-    if local:
-        TorchTrainer = without_placement_group_cleaner(TorchTrainer)  # noqa: N806
-    return TorchTrainer(
+    return trimmed_trainer(TorchTrainer, local)(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "plan": plan, "labels": labels},
+        train_loop_config={"cfg": cfg, "plan": plan, "labels": labels, "held": held},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=plan.use_gpu,
                                      resources_per_worker=resources,
@@ -221,8 +224,9 @@ def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callba
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks)),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": train_options}),
+        datasets=datasets or None,
+        dataset_config=DataConfig(datasets_to_split=["train"] if "train" in datasets else [],
+                                  execution_options={"train": train_options}),
     )
 
 

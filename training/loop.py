@@ -247,7 +247,7 @@ def _match_dtype(inputs: dict, dtype) -> dict:
 class Worker:
     """State of one rank: the engine, the data shards, and the current position."""
 
-    def __init__(self, cfg: RunConfig, plan: TrainPlan, labels: LabelSpace | None):
+    def __init__(self, cfg: RunConfig, plan: TrainPlan, labels: LabelSpace | None, held: dict | None = None):
         import ray.train
         import torch
 
@@ -256,6 +256,8 @@ class Worker:
         ctx = ray.train.get_context()
         _configure_logging()
         self.cfg, self.plan, self.labels = cfg, plan, labels
+        self.held = held or {}  # split -> object ref of a small split held whole (training.data.held_split)
+        self._shards: dict = {}
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.threads = _set_threads(cfg, ctx.get_local_world_size())
         torch.manual_seed(cfg.training.seed)
@@ -282,6 +284,22 @@ class Worker:
         self.window_tokens = 0
         self.startup: dict[str, float] = {}
         self.startup_sent = False
+
+    def shard(self, split: str):
+        """This rank's share of the train split, or a whole evaluation split: from the object store for a held
+        split (``training.data.HeldSplit``), else Ray Train's shard of the Ray Dataset."""
+        if split not in self.held:
+            import ray.train
+
+            return ray.train.get_dataset_shard(split)
+        if split not in self._shards:
+            import ray
+
+            from training.data import HeldSplit
+
+            columns = ray.get(self.held[split])
+            self._shards[split] = HeldSplit(columns, self.rank, self.world) if split == "train" else HeldSplit(columns)
+        return self._shards[split]
 
     # ---- engine ---------------------------------------------------------------------------------
     def configure_engine(self) -> None:
@@ -429,11 +447,10 @@ class Worker:
         without gradients. Batches are dealt round-robin to ranks, and the ranks run their forward passes in
         lockstep, one round at a time (under ZeRO-3 each forward gathers parameters collectively): in a round
         where a rank has no batch left, it runs a pass that is not kept, on its last batch (or the split's first)."""
-        import ray.train
         import torch
         import torch.distributed as dist
 
-        shard = ray.train.get_dataset_shard(split)
+        shard = self.shard(split)
         bs = self.shape.micro_batch_per_worker * 2
         seen: list = []  # the split's first batch: a rank dealt none still has one to run
 
@@ -567,13 +584,13 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     started = time.time()
-    w = Worker(cfg, plan, config["labels"])
+    w = Worker(cfg, plan, config["labels"], config.get("held"))
     w.configure_engine()
     checkpoint = ray.train.get_checkpoint()
-    shard = ray.train.get_dataset_shard("train")
+    shard = w.shard("train")
     # A fresh run's first batches are on their way while the engine is built (DeepSpeed's and the model's
-    # imports, the weights): Ray Data starts its stream in other processes meanwhile. A resumed run starts
-    # from its checkpoint's epoch, and DPO's reference pass reads the data first.
+    # imports, the weights): Ray Data starts its stream in other processes meanwhile (a held split is read in a
+    # thread here). A resumed run starts from its checkpoint's epoch, and DPO's reference pass reads the data first.
     first_epoch = (Prefetched(iter_train_batches(shard, cfg, 0, w.pad_id, w.shape.micro_batch_per_worker))
                    if checkpoint is None and not w.adapter.reference_pass else None)
     w.build_engine()

@@ -1,6 +1,7 @@
-"""Small local data is read, checked and tokenized in the driver (training.data.IN_PROCESS_MAX_BYTES); larger or
-remote data in Ray Data tasks. Both paths must report the same pre-flight and hand the workers the same rows in the
-same order. (The session's shared classification run, conftest.trained_classifier, trains on the Ray Data path.)"""
+"""Small local data is read, checked and tokenized in the driver (training.data.IN_PROCESS_MAX_BYTES) and held in
+Ray's object store; larger or remote data is read in Ray Data tasks. Both paths must report the same pre-flight and
+hand the workers the same rows in the same order. (The session's shared classification run,
+conftest.trained_classifier, trains on the Ray Data path.)"""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def test_the_driver_reads_small_data_as_ray_data_does(case, tmp_path, tiny_bert,
     assert set(ours) == set(theirs)
     for split in theirs:
         expected = plain(theirs[split].take_all())
-        assert expected and plain(ours[split].take_all()) == expected, split
+        assert expected and plain(data.HeldSplit(ray_local.get(ours[split])).take_all()) == expected, split
 
 
 def test_a_tune_trial_that_reads_differently_reads_again(tmp_path, tiny_bert, tiny_llama, ray_local):

@@ -50,7 +50,13 @@ def test_worker_counts_and_zero_stages_train_the_same(tmp_path, tiny_bert, ray_l
     under ZeRO-2 and under ZeRO-3 must compute the same losses and weights. ZeRO-3 is asked for the way a native
     DeepSpeed key asks for it (``deepspeed.config.zero_optimization.stage``): the derived config owns the stage,
     so the workers build, report and export a ZeRO-3 engine (its weights gathered from every rank)."""
-    runs = {}
+    from ray._private.state import state
+
+    def data_actors() -> int:
+        return sum(a["ActorClassName"] in ("DatasetManager", "SplitCoordinator")
+                   for a in state.actor_table(None).values())
+
+    runs, data_actors_before = {}, data_actors()
     for name, workers, batch, deepspeed in (
             ("1x8-zero0", "auto", 8, {"stage": 0}),  # auto: one worker on this CPU-only local instance
             ("2x4-zero2", 2, 4, {"stage": 2}),
@@ -60,8 +66,10 @@ def test_worker_counts_and_zero_stages_train_the_same(tmp_path, tiny_bert, ray_l
             training={"batch_size": batch, "epochs": 2, "log_every_steps": 1, "learning_rate": 1e-3},
             scaling={"num_workers": workers}, deepspeed=deepspeed)
         runs[name] = train(cfg)
-    # A finished run leaves no actor behind (Ray Train's Ctrl+C handler held the controller until replaced).
+    # A finished run leaves no actor behind (Ray Train's Ctrl+C handler held the controller until replaced), and
+    # runs on small data, held in the object store, start no Ray Data actor at all.
     assert not wait_for_no_actors(("TrainController", "DatasetManager", "SplitCoordinator"), timeout=20)
+    assert data_actors() == data_actors_before
     metrics = {name: read_metrics(run.run_dir) for name, run in runs.items()}
     reference = [m["loss"] for m in metrics["2x4-zero2"] if "loss" in m]
     assert len(reference) == 2

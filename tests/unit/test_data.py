@@ -136,3 +136,35 @@ def test_label_space_sorts_ints_numerically():
     space = TaskAdapter.build_label_space(counts)
     assert space.names == ["1", "2", "10"] and space.label2id["10"] == 2
     assert LabelSpace.from_counts({"pos": 1, "neg": 2}, numeric=False).names == ["neg", "pos"]
+
+
+def test_a_held_split_deals_equal_disjoint_shares_and_reads_them_like_a_shard():
+    """What a worker reads of a small split held in the object store (training.data.HeldSplit): rank r of w gets
+    rows r, r + w, ..., floor(N / w) of them (streaming_split(equal=True)'s counts); evaluation splits are whole;
+    a shuffled epoch is a permutation drawn from its seed; ragged columns (token ids) keep their rows."""
+    import numpy as np
+
+    from training.data import HeldSplit, _concat
+
+    ragged = np.empty(3, dtype=object)
+    ragged[:] = [np.arange(n) for n in (1, 2, 3)]
+    ids = _concat([ragged, np.stack([np.arange(4), np.arange(4)])])  # a ragged batch, then a rectangular one
+    assert ids.dtype == object and [len(x) for x in ids] == [1, 2, 3, 4, 4]
+    tokens = np.empty(11, dtype=object)
+    for i in range(11):
+        tokens[i] = np.arange(i % 4 + 1)
+    columns = {"row": np.arange(11), "input_ids": tokens}
+    shares = [HeldSplit(columns, rank, 3) for rank in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3]
+    rows = [int(r) for s in shares for b in s.iter_batches(batch_size=2) for r in b["row"]]
+    assert sorted(rows) == list(range(9)) and [int(row["row"]) for row in shares[1].take_all()] == [1, 4, 7]
+
+    whole = HeldSplit(columns)
+    plain = [int(r) for b in whole.iter_batches(batch_size=4) for r in b["row"]]
+    assert plain == list(range(11))
+    epoch = [[int(r) for b in whole.iter_batches(batch_size=4, local_shuffle_buffer_size=8, local_shuffle_seed=s)
+              for r in b["row"]] for s in (1, 1, 2)]
+    assert epoch[0] == epoch[1] != epoch[2] and sorted(epoch[0]) == plain != epoch[0]
+    batch = next(whole.iter_batches(batch_size=3, local_shuffle_buffer_size=8, local_shuffle_seed=1))
+    for row, tokens in zip(batch["row"], batch["input_ids"]):
+        assert tokens.tolist() == list(range(int(row) % 4 + 1))
