@@ -120,6 +120,23 @@ def run_storage_dir() -> str | None:
     return None
 
 
+def start_train_coordinator() -> None:
+    """Start Ray's autoscaling coordinator now, without waiting for it. Ray Train's controller registers each run's
+    resources with it (a detached actor, created on first use) and waits for the answer: on a fresh instance
+    the first run then waits for the actor's process to start (about 1.2 s on 2 cores). Started while the
+    driver checks the data, it is up by then. Uses the private
+    ``ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator.get_or_create_autoscaling_coordinator``
+    (the function Ray Train calls); does nothing when it moved."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        get_or_create_autoscaling_coordinator()
+    except Exception:  # noqa: BLE001 - internals moved: the first run creates it, as without this
+        pass
+
+
 def started_here() -> bool:
     """Whether this process started the Ray instance it is connected to (``ray.init`` of a local instance, whose
     processes and placement groups end with this one). Reads the private ``ray._private.worker._global_node``:

@@ -26,7 +26,7 @@ from ray.train import UserCallback
 from core import timings
 from core.config import RunConfig, dump_config
 from core.errors import UserError
-from core.ray_private import started_here, trimmed_trainer
+from core.ray_private import start_train_coordinator, started_here, trimmed_trainer
 from core.run_folder import CHECKPOINTS, RunFolder, read_records
 from training.ds_config import single_rank_runs_zero_0
 from training.loop import TrainPlan, train_loop_per_worker
@@ -368,6 +368,7 @@ def train(cfg: RunConfig, checks=None) -> TrainResult:
 
     checks = checks or start_checks(cfg)  # the parameter count in a thread, while the data pass runs
     cfg, workers = resolve_workers(cfg)
+    start_train_coordinator()  # its process starts while the data is checked
     logger.info(f"Workers: {cfg.scaling.num_workers} ({workers.reason})")
     logger.info("Checking the data ...")
     summary = checks.summary()  # before the run folder exists: bad data leaves nothing behind

@@ -35,7 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from core.config import RunConfig, dump_config, load_config, parse_search_space
 from core.errors import UserError
-from core.ray_private import actor_table, placement_groups_of_dead_actors
+from core.ray_private import actor_table, placement_groups_of_dead_actors, start_train_coordinator
 from core.run_folder import CHECKPOINTS, RunFolder
 from training.driver import finalize_run, fit_run, prepare_run_dir
 from training.plots import load_metrics
@@ -411,6 +411,7 @@ def tune_command(cfg: RunConfig, local: bool = True) -> TuneResult:
 
     param_space = build_param_space(cfg.tune.search_space)  # config problems before anything starts
     cfg, workers = resolve_workers(cfg)  # every trial gets the same count
+    start_train_coordinator()  # the first trial's controller would wait for its process to start
     logger.info(f"Workers per trial: {cfg.scaling.num_workers} ({workers.reason})")
     t = cfg.tune
     logger.info("Checking the data ...")
