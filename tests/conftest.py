@@ -47,6 +47,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "load":  # `-n N` alone; another --dist asked for gets xdist's own
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class GroupScheduling(LoadScopeScheduling):

@@ -5,9 +5,10 @@ instance: so these tests run in a child pytest with its own local Ray and ``RAYF
 other ingress. The rest of the serving tests run in this session's ingress only: their answers come from the
 app, which is the same code behind either.
 
-The child starts as soon as the session has collected its tests (``tests/integration/conftest.py``), and the
-test here waits for its result: the child mostly waits (Ray starting, a replica importing its libraries on one
-core), and the session's own tests fill those waits.
+The child starts as soon as the session has collected its tests (``tests/conftest.py``), and the test here waits
+for its result: the child mostly waits (Ray starting, a replica importing its libraries on one core), and the
+session's own tests fill those waits. Under pytest-xdist it starts when this test runs, while the other worker
+goes on.
 """
 
 from __future__ import annotations
