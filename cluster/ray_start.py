@@ -20,7 +20,7 @@ from typing import Callable, Optional
 from cluster.ingress import use_ingress
 from core import timings
 from core.ray_connect import connect, is_local
-from core.ray_private import PROXY_CALLBACK_ENV, RAYLET_PID_ENV
+from core.ray_private import PROXY_CALLBACK_ENV, RAYLET_PID_ENV, disconnect_driver
 from serving.errors import PROXY_CALLBACK
 
 logger = logging.getLogger(__name__)
@@ -139,11 +139,12 @@ def local_raylet_pids() -> list[int]:
 
 
 def stop_local_ray(raylet_pids: Optional[list[int]] = None, *, ray_alive: bool = True) -> bool:
-    """Shut down the local instance this process started (no-op otherwise) and stop every process of it that is
-    left: its daemons, its Ray workers (found by the raylet they were started under) and their children (Serve's
-    HAProxy). ``raylet_pids``: as ``local_raylet_pids()`` answered while the instance ran (call it early when Ray
-    may already be dying). ``ray_alive=False``: Ray did not answer (its daemons were stopped with this process):
-    skip Ray's own shutdown, which would hang or end this process. Returns False when Ray's shutdown was skipped
+    """End the local instance this process started (no-op otherwise): disconnect from it, then kill every process
+    of it at once (Ray's shutdown stops them one type after another, waiting up to a second for each): its
+    daemons, its Ray workers (found by the raylet they were started under) and their children (Serve's HAProxy).
+    ``raylet_pids``: as ``local_raylet_pids()`` answered while the instance ran (call it early when Ray may already
+    be dying). ``ray_alive=False``: Ray did not answer (its daemons were stopped with this process): skip Ray's
+    own shutdown, which would hang or end this process. Returns False when Ray's shutdown was skipped
     or did not finish within RAY_SHUTDOWN_DEADLINE_S."""
     import psutil
     import ray
@@ -156,23 +157,27 @@ def stop_local_ray(raylet_pids: Optional[list[int]] = None, *, ray_alive: bool =
     procs = _instance_processes(raylets, _node_id())  # while the process tree is intact
     clean = False
     if ray_alive and ray.is_initialized():
-        clean = within(RAY_SHUTDOWN_DEADLINE_S, ray.shutdown)
-    left = [proc for proc in procs if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE]
-    for proc in left:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(left, timeout=KILL_GRACE_S)
-    for proc in alive:
+        clean = within(RAY_SHUTDOWN_DEADLINE_S, disconnect_driver)  # the processes are stopped below, at once
+    left = [proc for proc in procs if _running(proc)]
+    for proc in left:  # the driver is gone: nothing of the instance is kept (Ray's fate-sharing kills it so too)
         try:
             proc.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=KILL_GRACE_S)  # gone before we return: a supervisor then finds none left
-    if left:
-        logger.info("stopped %d process(es) the local Ray instance left", len(left))
+    _, alive = psutil.wait_procs(left, timeout=KILL_GRACE_S)  # gone before we return: a supervisor finds none
+    if alive:
+        logger.warning("%d process(es) of the local Ray instance did not end: %s", len(alive),
+                       ", ".join(str(proc.pid) for proc in alive))
     return clean
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _instance_processes(raylets: set[int], node_id: Optional[str]) -> list:

@@ -7,6 +7,8 @@ treat a failure as "unknown" where they can (a nicer message or a clean-up is lo
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 RAY_VERSION_CHECKED = "2.60.0"
@@ -118,6 +120,42 @@ def run_storage_dir() -> str | None:
     if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
         return storage.experiment_fs_path
     return None
+
+
+def move_into_storage(checkpoint: Any, checkpoint_dir_name: str) -> Any:
+    """Ray Train's ``checkpoint_upload_fn`` for a checkpoint staged inside the run's storage folder (on a
+    filesystem this node mounts, ``run_storage_dir``): its files are renamed into the checkpoint's folder there
+    instead of copied (Ray's default copies every file, a second write of the whole checkpoint). Each rank moves
+    its own files into the one folder, as Ray's copy merges them; a file only appears there complete. Uses
+    ``StorageContext.build_checkpoint_path_from_name`` and ``storage_filesystem`` (DeveloperAPI), and the private
+    ``_check_validation_file``: the error Ray's copy raises when the folder is a local path of another node."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    storage._check_validation_file()
+    target = Path(storage.build_checkpoint_path_from_name(checkpoint_dir_name))
+    staged = Path(checkpoint.path)
+    for src in sorted(staged.rglob("*")):
+        if src.is_file():
+            dest = target / src.relative_to(staged)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)
+    return ray.train.Checkpoint(path=str(target), filesystem=storage.storage_filesystem)
+
+
+def disconnect_driver() -> None:
+    """``ray.shutdown`` for a process that started its local instance, without stopping the instance's processes
+    (the caller stops them, all at once): Ray's shutdown stops them one type after another, giving each up to
+    1 s to exit, and at interpreter exit first pauses 0.5 s for log lines. Takes the node this process started
+    (``ray._private.worker._global_node``) out of ``ray.shutdown``'s hands; the node's own exit hook later finds
+    its processes gone. Spilled objects are deleted as Ray's shutdown deletes them."""
+    import ray
+    import ray._private.worker as ray_worker
+
+    node, ray_worker._global_node = ray_worker._global_node, None
+    ray.shutdown()
+    if node is not None and node.is_head():
+        node.destroy_external_storage()
 
 
 def start_train_coordinator() -> None:

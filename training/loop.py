@@ -7,6 +7,7 @@ step, never on rank-local data.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import numpy as np
 from core import __version__
 from core.config import RunConfig
 from core.model_folder import ModelInfo
-from core.ray_private import run_storage_dir
+from core.ray_private import move_into_storage, run_storage_dir
 from core.run_folder import TRAINER_STATE
 from training.scaling import workers_text
 from training.tasks.base import LabelSpace
@@ -347,17 +348,27 @@ class Worker:
 
     def staging(self) -> tempfile.TemporaryDirectory:
         """A folder for a checkpoint before Ray Train persists it: inside the run's storage when that is a mounted
-        filesystem (sized for checkpoints; a container's /tmp often is not, and a full model can be gigabytes),
-        else the system's temp folder (object storage)."""
+        filesystem (sized for checkpoints; a container's /tmp often is not, and a full model can be gigabytes;
+        ``upload`` then moves the files into place), else the system's temp folder (object storage: Ray copies
+        them there)."""
         root = None
-        try:
-            storage = run_storage_dir()
-        except Exception:  # noqa: BLE001 - Ray's DeveloperAPI moved: stage in the temp folder as before
-            storage = None
-        if storage:
-            root = Path(storage) / STAGING
+        if self.storage_dir:
+            root = Path(self.storage_dir) / STAGING
             root.mkdir(parents=True, exist_ok=True)
         return tempfile.TemporaryDirectory(dir=root, prefix=f"rank{self.rank}-")
+
+    @functools.cached_property
+    def storage_dir(self) -> str | None:
+        try:
+            return run_storage_dir()
+        except Exception:  # noqa: BLE001 - Ray's DeveloperAPI moved: stage in the temp folder, Ray copies
+            return None
+
+    @property
+    def upload(self):
+        """``ray.train.report``'s ``checkpoint_upload_fn``: a rename when staged in the storage folder, else None
+        (Ray's copy)."""
+        return move_into_storage if self.storage_dir else None
 
     def log(self, message: str) -> None:
         """Log once per run (rank 0), not once per worker."""
@@ -396,7 +407,7 @@ class Worker:
                     (Path(tmp) / TRAINER_STATE).write_text(json.dumps(asdict(self.state)))
                     if self.reference is not None:
                         np.savez(Path(tmp) / REFERENCE_FILE, **self.reference)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_upload_fn=self.upload)
         self.window_start = time.perf_counter()  # throughput excludes evaluation and checkpoint time
 
     def epoch_progress(self) -> float:
@@ -714,4 +725,5 @@ def _finish(w: Worker) -> None:
         w.export(Path(tmp) / "model")
         if w.rank == 0:
             (Path(tmp) / TRAINER_STATE).write_text(json.dumps(asdict(w.state)))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if w.rank == 0 else None)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if w.rank == 0 else None,
+                         checkpoint_upload_fn=w.upload)

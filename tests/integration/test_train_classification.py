@@ -30,7 +30,13 @@ def test_loss_falls_and_the_run_folder_is_complete(trained_classifier):
                  "model/tokenizer.json", "model/rayfine.json", "model/README.md", "plots/loss.png",
                  "plots/learning_rate.png", "plots/eval_metrics.png"):
         assert (run_dir / name).is_file(), name
-    assert list((run_dir / "checkpoints").glob("checkpoint_*"))
+    checkpoints = list((run_dir / "checkpoints").glob("checkpoint_*"))
+    assert checkpoints
+    # Each rank moved its own ZeRO shard into the checkpoint's one folder (training checkpoints: a "ds" folder).
+    for engine_files in [c / "ds" for c in checkpoints if (c / "ds").is_dir()]:
+        shards = sorted(p.name for p in engine_files.glob("*optim_states.pt"))
+        assert shards == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)], shards
+    assert any((c / "ds").is_dir() for c in checkpoints)
     # Checkpoints were staged in the run's storage (not the container's /tmp), and nothing staged is left.
     staging = run_dir / "checkpoints" / ".staging"
     assert staging.is_dir() and not any(staging.iterdir())
