@@ -164,6 +164,9 @@ def check_ingress(requested: str) -> Optional[str]:
 # own server, and HAProxy then fails to start ("Address already in use"). So they come from below that range,
 # and above Ray's default worker ports (10002-19999).
 _PICK_FROM = 20000
+# The HTTP ports Serve's replicas take under HAProxy (RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT's defaults): a port
+# picked there can be taken by a replica of another instance on this machine before HAProxy binds it.
+_SERVE_REPLICA_PORTS = range(30000, 31001)
 
 
 def _ephemeral_start() -> int:
@@ -174,11 +177,13 @@ def _ephemeral_start() -> int:
 
 
 def free_port() -> int:
-    """A port free now that no later "any free port" bind can take: below the ephemeral range."""
+    """A port free now that no later "any free port" bind or Serve replica can take: below the ephemeral range,
+    outside the replicas' ports."""
     import random
 
     top = _ephemeral_start()
-    for port in random.sample(range(_PICK_FROM, top), min(64, max(top - _PICK_FROM, 0))):
+    ports = [p for p in range(_PICK_FROM, top) if p not in _SERVE_REPLICA_PORTS]
+    for port in random.sample(ports, min(64, len(ports))):
         with socket.socket() as s:
             try:
                 s.bind(("", port))

@@ -181,10 +181,12 @@ def _running(proc) -> bool:
 
 
 def _instance_processes(raylets: set[int], node_id: Optional[str]) -> list:
-    """Every process of the local instance: this process's descendants (GCS, raylet, agents), the workers the
-    raylet started (their env names it; they run in process groups of their own) and their children, and Serve's
-    HAProxy (a worker's child, whose files are under the node's id)."""
+    """Every process of the local instance: the daemons this process started (GCS, raylet, agents: programs of
+    Ray's package) and their children, the workers the raylet started (their env names it; they run in process
+    groups of their own) and their children, and Serve's HAProxy (a worker's child, whose files are under the
+    node's id). Other children of this process (a tracker's service, a child pytest) are not the instance's."""
     import psutil
+    import ray
 
     found: dict[int, psutil.Process] = {}
 
@@ -192,11 +194,17 @@ def _instance_processes(raylets: set[int], node_id: Optional[str]) -> list:
         found[proc.pid] = proc
         found.update((child.pid, child) for child in proc.children(recursive=True))
 
+    ray_dir = os.path.dirname(ray.__file__) + os.sep
     try:
-        add_children = psutil.Process().children(recursive=True)
-        found.update((child.pid, child) for child in add_children)
+        children = psutil.Process().children()
     except psutil.Error:
-        pass
+        children = []
+    for child in children:
+        try:
+            if any(ray_dir in arg for arg in child.cmdline()):
+                add(child)
+        except psutil.Error:
+            continue
     names = {str(pid) for pid in raylets}
     for proc in psutil.process_iter():
         try:

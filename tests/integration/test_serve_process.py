@@ -92,3 +92,36 @@ def test_taken_port_and_a_process_group_sigterm(tiny_models, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
         sock.listen()
+
+
+def test_a_finished_command_ends_its_instance_and_only_that(tmp_path):
+    """``stop_local_ray`` at the end of a command kills every process of the local instance it started, at once,
+    and none of the command's other children (here a stand-in for a tracker's service process)."""
+    script = tmp_path / "child.py"
+    script.write_text("""
+import subprocess, sys, time
+import ray
+from cluster.ray_start import local_raylet_pids, start_ray, stop_local_ray
+other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+start_ray()
+assert ray.get(ray.remote(lambda: 1).remote()) == 1
+raylets = local_raylet_pids()
+started = time.monotonic()
+stop_local_ray()
+print("took", time.monotonic() - started, "raylets", raylets, "other", other.pid, "alive", other.poll() is None)
+other.kill()
+""")
+    proc = subprocess.Popen([str(VENV_BIN / "python"), str(script)], cwd=Path(__file__).resolve().parents[2],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout + stderr
+    words = stdout.split()
+    took, alive = float(words[words.index("took") + 1]), words[words.index("alive") + 1]
+    assert alive == "True", stdout  # not the instance's
+    assert took < 3, stdout  # every process killed at once, no shutdown waiting on each
+    assert "Traceback" not in stderr, stderr
+    deadline = time.monotonic() + 5  # processes that are not the script's children are reaped by init
+    while session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert session_processes(proc.pid) == []
