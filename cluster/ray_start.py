@@ -164,11 +164,22 @@ def stop_local_ray(raylet_pids: Optional[list[int]] = None, *, ray_alive: bool =
             proc.kill()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(left, timeout=KILL_GRACE_S)  # gone before we return: a supervisor finds none
+    alive = _wait_gone(left, KILL_GRACE_S)  # gone before we return: a supervisor then finds none left
     if alive:
         logger.warning("%d process(es) of the local Ray instance did not end: %s", len(alive),
                        ", ".join(str(proc.pid) for proc in alive))
     return clean
+
+
+def _wait_gone(procs: list, timeout_s: float) -> list:
+    """Wait until each process has died (a zombie counts: killed, its parent or init has yet to reap it, which
+    ``psutil.wait_procs`` waits for); returns those still running at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    alive = [proc for proc in procs if _running(proc)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [proc for proc in alive if _running(proc)]
+    return alive
 
 
 def _running(proc) -> bool:
