@@ -119,7 +119,7 @@ other.kill()
     words = stdout.split()
     took, alive = float(words[words.index("took") + 1]), words[words.index("alive") + 1]
     assert alive == "True", stdout  # not the instance's
-    assert took < 3, stdout  # every process killed at once, no shutdown waiting on each
+    assert took < 5, stdout  # killed at once: no grace period per process, no wait for init to reap them
     assert "Traceback" not in stderr, stderr
     deadline = time.monotonic() + 5  # processes that are not the script's children are reaped by init
     while session_processes(proc.pid) and time.monotonic() < deadline:
