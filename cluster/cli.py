@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cluster.console import install_console
 from cluster.ray_start import start_ray, stop_local_ray
-from core import __version__
+from core import __version__, collector
 from core.config import load_config
 from core.errors import UserError
 from core.ray_connect import is_local
@@ -259,7 +259,9 @@ def console() -> None:
     """The ``rayfine`` executable: ``main``, then an exit that does not collect every object torch, transformers
     and Ray created (the interpreter's exit spends about 1 s on that at the end of a training command; the
     objects are freed with the process). ``gc.freeze`` only exempts them from the cycle collector: files still
-    close and exit hooks still run."""
+    close and exit hooks still run. The cycle collector is paused while the command starts up
+    (``core.collector``)."""
+    collector.pause()
     code = main()
     gc.freeze()
     sys.exit(code)

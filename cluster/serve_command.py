@@ -31,6 +31,7 @@ from cluster.ray_start import (
     stop_local_ray,
     within,
 )
+from core import collector
 from core.config import ServeConfig, deep_merge, load_config, parse_overrides
 from core.errors import ConfigError, UserError
 from core.openai_errors import DIGESTS_SUFFIX
@@ -155,6 +156,7 @@ def wait_for_stop(stop: Stop, hint: str) -> None:
     """Serve until Ctrl-C or SIGTERM (inside ``stopping_cleanly``)."""
     print(hint, flush=True)
     stop.serving = True
+    collector.resume()  # the command's start-up is over (core.collector)
     while True:
         time.sleep(3600)
 

@@ -7,6 +7,7 @@
     openai_errors.py OpenAI's error shape and bearer API-key checks (the Serve app and the jobs API)
     ray_connect.py   connecting to Ray (called by the top layer only)
     ray_private.py   the private Ray APIs rayfine relies on, each with the Ray version it was checked against
+    collector.py     Python's cycle collector paused while a process starts up (the CLI, each training worker)
 """
 
 __version__ = "0.1.0"

@@ -223,3 +223,14 @@ def trimmed_trainer(trainer_cls: type, local: bool) -> type:
 
     TrimmedTrainer.__name__ = TrimmedTrainer.__qualname__ = trainer_cls.__name__
     return TrimmedTrainer
+
+
+def setup_hook_env(hook: str) -> dict:
+    """A runtime env that runs ``hook`` (``module.function``) in each new worker process before anything else.
+
+    Ray turns a ``worker_process_setup_hook`` into this environment variable only for a job's runtime env
+    (``ray.init``); an actor's own runtime env, such as Ray Train's ``worker_runtime_env``, has to carry the variable
+    itself, which the worker process reads at start (``default_worker.py``). Checked against Ray 2.60."""
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    return {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: hook}}

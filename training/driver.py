@@ -23,10 +23,10 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
-from core import timings
+from core import collector, timings
 from core.config import RunConfig, dump_config
 from core.errors import UserError
-from core.ray_private import start_train_coordinator, started_here, trimmed_trainer
+from core.ray_private import setup_hook_env, start_train_coordinator, started_here, trimmed_trainer
 from core.run_folder import CHECKPOINTS, RunFolder, read_records
 from training.ds_config import single_rank_runs_zero_0
 from training.loop import TrainPlan, train_loop_per_worker
@@ -223,7 +223,8 @@ def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callba
             name=CHECKPOINTS, storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=list(callbacks)),
+            callbacks=list(callbacks),
+            worker_runtime_env=setup_hook_env(collector.SETUP_HOOK)),
         datasets=datasets or None,
         dataset_config=DataConfig(datasets_to_split=["train"] if "train" in datasets else [],
                                   execution_options={"train": train_options}),
@@ -273,6 +274,7 @@ def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool
     metrics_file = RunFolder(run_dir).metrics
     offset = metrics_file.stat().st_size if metrics_file.exists() else 0
     try:
+        collector.resume()  # the rayfine command's start-up ends here: it waits for the workers from now on
         with _sigint_handler_restored():
             result = trainer.fit()
         check_divergence(run_dir, offset)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core import __version__
+from core import __version__, collector
 from core.config import RunConfig
 from core.model_folder import ModelInfo
 from core.ray_private import move_into_storage, run_storage_dir
@@ -605,6 +605,7 @@ def train_loop_per_worker(config: dict) -> None:
     first_epoch = (Prefetched(iter_train_batches(shard, cfg, 0, w.pad_id, w.shape.micro_batch_per_worker))
                    if checkpoint is None and not w.adapter.reference_pass else None)
     w.build_engine()
+    collector.resume()  # paused since the process started (core.collector)
     w.startup = {"worker_start": started, "engine_built": time.time()}  # sent with the first report
     if checkpoint is not None and w.restore(checkpoint):
         return  # finished before a driver restart; the final checkpoint already holds the model

@@ -33,6 +33,7 @@ from typing import Optional
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from core import collector
 from core.config import RunConfig, dump_config, load_config, parse_search_space
 from core.errors import UserError
 from core.ray_private import actor_table, placement_groups_of_dead_actors, start_train_coordinator
@@ -441,6 +442,7 @@ def tune_command(cfg: RunConfig, local: bool = True) -> TuneResult:
                                           callbacks=[TuneProgress(t.metric), TrainRunSweeper()],
                                           failure_config=tune.FailureConfig(max_failures=0)))
         started = time.time()
+        collector.resume()  # the rayfine command's start-up ends here (core.collector)
         with quiet_tune(), interrupt_marker() as interrupted:
             results = tuner.fit()
             was_interrupted = interrupted()

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from cluster.api.settings import ApiSettings, load_base_models
+from core import collector
 from core.errors import UserError
 from core.openai_errors import read_api_keys
 
@@ -118,6 +119,7 @@ def api_command(args: argparse.Namespace) -> int:
     app = build_app(settings, jobs_client=client)  # UserError: another server holds this state
     _configure_logging()
     print(_banner(settings, client.address), flush=True)
+    collector.resume()  # the command's start-up is over (core.collector)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     except KeyboardInterrupt:

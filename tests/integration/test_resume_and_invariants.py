@@ -93,3 +93,21 @@ def test_worker_counts_and_zero_stages_train_the_same(tmp_path, tiny_bert, ray_l
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), atol=1e-5, err_msg=name)
     assert any(not np.allclose(a.detach().numpy(), c.detach().numpy())
                for a, c in zip(zero3.bert.parameters(), base.bert.parameters()))
+
+
+def test_a_worker_process_starts_with_the_cycle_collector_paused(ray_local):
+    """Ray runs ``core.collector``'s setup hook first thing in a process started with ``setup_hook_env`` (a private
+    Ray variable, as Ray Train's workers get it); ``resume`` turns the collector back on with what exists frozen."""
+    from core import collector
+    from core.ray_private import setup_hook_env
+
+    @ray_local.remote(runtime_env=setup_hook_env(collector.SETUP_HOOK))
+    def collector_state():
+        import gc
+
+        paused = not gc.isenabled()
+        collector.resume()
+        return paused, gc.isenabled(), gc.get_freeze_count()
+
+    paused, enabled, frozen = ray_local.get(collector_state.remote())
+    assert paused and enabled and frozen > 10_000
