@@ -13,7 +13,10 @@ Who pauses and resumes:
   long wait (before ``trainer.fit()`` or ``tuner.fit()``, once it serves); a short command exits without it;
 - each Ray Train worker process: paused by ``SETUP_HOOK`` (Ray runs it when the process starts, before Ray
   Train's imports, ``training.driver.build_trainer``), resumed once the engine is built
-  (``training.loop.train_loop_per_worker``).
+  (``training.loop.train_loop_per_worker``); a Tune trial's process, from the trial's start
+  (``training.tune.run_trial``) to its Train run's ``fit()``;
+- each Serve replica, while its constructor imports torch and transformers and loads the model
+  (``serving.app.ModelServer``; 4.3 s -> 3.1 s for all-MiniLM-L6-v2 in a new process).
 """
 
 from __future__ import annotations

@@ -51,6 +51,15 @@ class ModelServer:
 
     def __init__(self, model_dir: Optional[str], serve: dict[str, Any], trust_remote_code: bool = False,
                  models: Optional[dict[str, Any]] = None, registry: Optional[str] = None):
+        from core import collector  # not at module level: Serve pickles this class by value
+
+        collector.pause()  # the imports and the model load, without collections of what is not garbage yet
+        try:
+            self._start(model_dir, serve, trust_remote_code, models, registry)
+        finally:
+            collector.resume()
+
+    def _start(self, model_dir, serve, trust_remote_code, models, registry) -> None:
         import torch
 
         from serving.telemetry import Telemetry, access_logger

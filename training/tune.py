@@ -118,6 +118,7 @@ def run_trial(params: dict, base: RunConfig, summary, tune_dir: str, parent_run_
     is on. ``local``: the search runs on a local instance (its sweeper removes what stopped trials leave)."""
     import ray.tune
 
+    collector.pause()  # resumed by fit_run once the trial's Train run is built (core.collector)
     trial_dir = Path(tune_dir) / f"trial_{ray.tune.get_context().get_trial_id()}"
     trial_dir.mkdir(parents=True, exist_ok=True)
     cfg = trial_config(base, params, trial_dir)
