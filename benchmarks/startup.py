@@ -11,9 +11,13 @@ machine.
 
 - rayfine: `rayfine train CONFIG` with `RAYFINE_TIMINGS=1` (its start-up table gives the first step), local Ray,
   `scaling.num_workers` workers, DeepSpeed, pre-flight data pass, evaluation, export, plots and model card;
-- HF Trainer: this file with `--hf-child`: the config's model, data, epochs, learning rate, warm-up, schedule,
-  sequence length and global batch (workers x batch), one process using every core, evaluation at the end,
-  the model saved; the first step is timed by a callback.
+- HF Trainer, same schedule: this file with `--hf-child`: the config's model, data, epochs, learning rate, warm-up,
+  schedule, sequence length and global batch (workers x batch), one process using every core, evaluating and
+  checkpointing when the config does (`training.eval_every_steps`: the Trainer's `eval_steps`, 0 at each epoch end;
+  `training.checkpoint_every_steps`: `save_steps`, 0 at each epoch end: `save_strategy="epoch"`; a checkpoint holds
+  the model, optimizer and scheduler, as rayfine's does), then a final evaluation and the model saved; the first
+  step is timed by a callback;
+- HF Trainer, minimal: the same without the evaluations and checkpoints during training.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ def process_age() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def hf_child(config: str, out: Path) -> None:
-    """The HF Trainer side; writes {first_step, wall, accuracy} to ``out``."""
+def hf_child(config: str, out: Path, schedule: bool) -> None:
+    """The HF Trainer side; writes {first_step, wall, accuracy} to ``out``. ``schedule``: evaluate and checkpoint
+    during training as the config does."""
     import numpy as np
     import torch
     from datasets import load_dataset
@@ -78,12 +83,21 @@ def hf_child(config: str, out: Path) -> None:
     def accuracy(pred) -> dict:
         return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
 
+    during = {}
+    if schedule and t.eval_every_steps:
+        during.update(eval_strategy="steps", eval_steps=t.eval_every_steps)
+    elif schedule:
+        during.update(eval_strategy="epoch")
+    if schedule and t.checkpoint_every_steps:
+        during.update(save_strategy="steps", save_steps=t.checkpoint_every_steps)
+    elif schedule:
+        during.update(save_strategy="epoch")
     args = TrainingArguments(
         output_dir=str(out.parent / "hf"), per_device_train_batch_size=t.batch_size * cfg.scaling.workers(),
         per_device_eval_batch_size=64, num_train_epochs=t.epochs, learning_rate=t.learning_rate,
         warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay,
-        seed=t.seed, save_strategy="no", eval_strategy="no", report_to=[], logging_strategy="no", use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True)
+        seed=t.seed, report_to=[], logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        **{"save_strategy": "no", "eval_strategy": "no", **during})
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                       data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy, callbacks=[FirstStep()])
     trainer.train()
@@ -93,11 +107,16 @@ def hf_child(config: str, out: Path) -> None:
                                "accuracy": evaluation["eval_accuracy"]}))
 
 
-def run_hf(config: str, tmp: Path) -> dict:
+def run_hf(config: str, tmp: Path, schedule: bool = True) -> dict:
     out = tmp / "hf.json"
-    subprocess.run([sys.executable, __file__, "--hf-child", "--config", config, "--out", str(out)], check=True,
-                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([sys.executable, __file__, "--hf-child", "--config", config, "--out", str(out),
+                    *([] if schedule else ["--minimal"])], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     return json.loads(out.read_text())
+
+
+def run_hf_minimal(config: str, tmp: Path) -> dict:
+    return run_hf(config, tmp, schedule=False)
 
 
 def run_rayfine(config: str, tmp: Path) -> dict:
@@ -126,28 +145,34 @@ def main() -> None:
     parser.add_argument("--config", default="ray_config.yaml")
     parser.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--minimal", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_child:
-        return hf_child(args.config, Path(args.out))
-    results: dict[str, list[dict]] = {"rayfine": [], "hf": []}
+        return hf_child(args.config, Path(args.out), schedule=not args.minimal)
+    sides = (("rayfine", "rayfine train", run_rayfine), ("hf", "HF Trainer, same schedule", run_hf),
+             ("hf-minimal", "HF Trainer, minimal", run_hf_minimal))
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in sides}
     loads = []
     for i in range(args.runs):
-        for name, fn in (("rayfine", run_rayfine), ("hf", run_hf)):
+        for name, _, fn in sides:
             loads.append(os.getloadavg()[0])
             with tempfile.TemporaryDirectory() as tmp:
                 results[name].append(fn(args.config, Path(tmp)))
             r = results[name][-1]
-            print(f"run {i + 1} {name:<8} first step {r['first_step']:5.1f} s  end {r['wall']:5.1f} s  "
+            print(f"run {i + 1} {name:<10} first step {r['first_step']:5.1f} s  end {r['wall']:5.1f} s  "
                   f"accuracy {r['accuracy']:.4f}  (load {loads[-1]:.2f})", flush=True)
     print(f"\n{args.config}, {args.runs} runs each, {os.cpu_count()} cores, 1-min load before the runs: "
           f"{min(loads):.2f}-{max(loads):.2f}")
-    for name, label in (("rayfine", "rayfine train"), ("hf", "HF Trainer (1 process)")):
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name])
+
+    for name, label, _ in sides:
         rs = results[name]
-        print(f"  {label:<24} first step {summary([r['first_step'] for r in rs])}   end {summary([r['wall'] for r in rs])}"
-              f"   accuracy {statistics.median(r['accuracy'] for r in rs):.4f}")
-    ours, hf = results["rayfine"], results["hf"]
-    print(f"  rayfine / HF Trainer: first step {statistics.median(r['first_step'] for r in ours) / statistics.median(r['first_step'] for r in hf):.2f}x, "
-          f"end {statistics.median(r['wall'] for r in ours) / statistics.median(r['wall'] for r in hf):.2f}x")
+        print(f"  {label:<26} first step {summary([r['first_step'] for r in rs])}   "
+              f"end {summary([r['wall'] for r in rs])}   accuracy {median(name, 'accuracy'):.4f}")
+    for name, label, _ in sides[1:]:
+        print(f"  rayfine / {label}: first step {median('rayfine', 'first_step') / median(name, 'first_step'):.2f}x, "
+              f"end {median('rayfine', 'wall') / median(name, 'wall'):.2f}x")
 
 
 if __name__ == "__main__":

@@ -234,3 +234,101 @@ def setup_hook_env(hook: str) -> dict:
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
     return {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: hook}}
+
+
+class TorchBackendConfig:
+    """Ray Train's ``TorchConfig`` (the torch process group of a run: ``backend`` "gloo" or "nccl", set up through
+    environment variables), without torch in Ray Train's controller.
+
+    The controller unpickles the trainer's backend config and runs its backend's ``on_start``: with Ray's own
+    ``TorchConfig`` both live in ``ray.train.torch.config``, which imports torch (1.3 s of every run's start-up on
+    2 cores, before the controller even creates the workers). Here the config and its backend are plain classes of
+    this module, and every step that needs torch runs on the workers, by the same functions of
+    ``ray.train.torch.config`` that ``TorchConfig`` runs (imported there, where torch is loaded anyway). The
+    duck-typed members are what Ray Train's controller reads (``backend_cls``, ``train_func_context``,
+    ``framework``, ``to_dict``); accelerators other than CUDA GPUs (TPU, HPU) are left out."""
+
+    init_method = "env"
+
+    def __init__(self, backend: str, timeout_s: int = 1800):
+        self.backend = backend
+        self.timeout_s = timeout_s
+
+    @property
+    def backend_cls(self) -> type:
+        return _TorchBackend
+
+    @property
+    def train_func_context(self) -> type:
+        return _TorchDeviceContext
+
+    @property
+    def framework(self) -> Any:
+        from ray.train.v2._internal.util import TrainingFramework
+
+        return TrainingFramework.TORCH
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "init_method": self.init_method, "timeout_s": self.timeout_s}
+
+
+def _torch_config_call(name: str, **kwargs: Any) -> Any:
+    """``ray.train.torch.config.<name>(**kwargs)``, run on a Train worker."""
+    from ray.train.torch import config
+
+    return getattr(config, name)(**kwargs)
+
+
+def _set_master_address(addr: str, port: int) -> None:
+    os.environ["MASTER_ADDR"] = addr
+    os.environ["MASTER_PORT"] = str(port)
+
+
+class _TorchBackend:
+    """``ray.train.torch.config._TorchBackend``'s steps for a GPU or CPU run, each run on the workers."""
+
+    share_cuda_visible_devices = True
+    has_replica_groups = False
+
+    def on_start(self, worker_group: Any, backend_config: TorchBackendConfig) -> None:
+        import ray
+        from ray.train._internal.utils import get_address_and_port
+
+        addr, port = worker_group.execute_single(0, get_address_and_port)
+        worker_group.execute(_set_master_address, addr=addr, port=port)
+        worker_group.execute(_torch_config_call, "_set_torch_distributed_env_vars")
+        ray.get([worker_group.execute_single_async(
+            rank, _torch_config_call, "_setup_torch_process_group", backend=backend_config.backend,
+            world_rank=rank, world_size=len(worker_group), init_method="env://", timeout_s=backend_config.timeout_s)
+            for rank in range(len(worker_group))])
+
+    def on_training_start(self, worker_group: Any, backend_config: TorchBackendConfig) -> None:
+        pass
+
+    def on_shutdown(self, worker_group: Any, backend_config: TorchBackendConfig) -> None:
+        import ray
+        from ray._private import ray_constants
+        from ray.exceptions import GetTimeoutError
+        from ray.train.constants import (DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+                                         TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
+
+        futures = worker_group.execute_async(_torch_config_call, "_shutdown_torch",
+                                             destroy_process_group=len(worker_group) > 1)
+        timeout_s = ray_constants.env_integer(TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+                                              DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
+        try:
+            ray.get(futures, timeout=timeout_s)
+        except GetTimeoutError:
+            pass  # as Ray's: the workers are being stopped anyway
+
+
+class _TorchDeviceContext:
+    """``TorchConfig``'s ``train_func_context`` (a GPU worker's default CUDA device), imported on the worker."""
+
+    def __enter__(self) -> None:
+        from ray.train.torch.config import TorchConfigContextManager
+
+        TorchConfigContextManager().__enter__()
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False

@@ -26,7 +26,8 @@ from ray.train import UserCallback
 from core import collector, timings
 from core.config import RunConfig, dump_config
 from core.errors import UserError
-from core.ray_private import setup_hook_env, start_train_coordinator, started_here, trimmed_trainer
+from core.ray_private import (TorchBackendConfig, setup_hook_env, start_train_coordinator, started_here,
+                              trimmed_trainer)
 from core.run_folder import CHECKPOINTS, RunFolder, read_records
 from training.ds_config import single_rank_runs_zero_0
 from training.loop import TrainPlan, train_loop_per_worker
@@ -203,7 +204,7 @@ def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callba
     from ray.data import Dataset
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     splits = build_datasets(cfg, labels, summary)
     timings.mark("datasets: tokenize, hold or materialize small splits")
@@ -215,7 +216,7 @@ def build_trainer(cfg: RunConfig, plan: TrainPlan, labels, run_dir: Path, callba
     return trimmed_trainer(TorchTrainer, local)(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "plan": plan, "labels": labels, "held": held},
-        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
+        torch_config=TorchBackendConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=plan.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy="SPREAD" if spread else "PACK"),

@@ -44,3 +44,23 @@ def test_private_ray_apis_live_in_one_module():
                 if needle in text:
                     offenders.append(f"{path.relative_to(REPO)}: {needle}")
     assert not offenders
+
+
+def test_the_train_backend_config_loads_without_torch():
+    """Ray Train's controller unpickles the trainer's backend config and calls its backend: with
+    ``core.ray_private.TorchBackendConfig`` neither imports torch there (Ray's own TorchConfig does), and it
+    tells Ray Train what TorchConfig tells it."""
+    import pickle
+
+    from ray.train.torch import TorchConfig
+
+    from core.ray_private import TorchBackendConfig
+
+    ours, ray_s = TorchBackendConfig("gloo"), TorchConfig(backend="gloo")
+    assert ours.to_dict() == ray_s.to_dict() and ours.framework == ray_s.framework
+    assert ours.backend_cls.share_cuda_visible_devices == ray_s.backend_cls.share_cuda_visible_devices
+    code = ("import pickle, sys; import ray.train.v2._internal.execution.controller; "
+            f"config = pickle.loads({pickle.dumps(ours)!r}); config.backend_cls(); config.train_func_context; "
+            "config.framework; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
