@@ -309,8 +309,10 @@ class _TorchBackend:
         import ray
         from ray._private import ray_constants
         from ray.exceptions import GetTimeoutError
-        from ray.train.constants import (DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
-                                         TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
+        from ray.train.constants import (
+            DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+            TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+        )
 
         futures = worker_group.execute_async(_torch_config_call, "_shutdown_torch",
                                              destroy_process_group=len(worker_group) > 1)

@@ -26,8 +26,7 @@ from ray.train import UserCallback
 from core import collector, timings
 from core.config import RunConfig, dump_config
 from core.errors import UserError
-from core.ray_private import (TorchBackendConfig, setup_hook_env, start_train_coordinator, started_here,
-                              trimmed_trainer)
+from core.ray_private import TorchBackendConfig, setup_hook_env, start_train_coordinator, started_here, trimmed_trainer
 from core.run_folder import CHECKPOINTS, RunFolder, read_records
 from training.ds_config import single_rank_runs_zero_0
 from training.loop import TrainPlan, train_loop_per_worker
