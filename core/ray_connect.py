@@ -70,7 +70,10 @@ def connect(address: str | None = None, num_workers: int = 1) -> str:
         where = f"Ray cluster at {address}"
     else:
         # "local": a new instance even when `ray start` runs on this machine (join one with --address).
-        ray.init(address="local", num_cpus=local_num_cpus(num_workers), include_dashboard=False, **kwargs)
+        from core.ray_private import lean_local_instance
+
+        with lean_local_instance(log_monitor=verbose):
+            ray.init(address="local", num_cpus=local_num_cpus(num_workers), include_dashboard=False, **kwargs)
         where = f"local Ray ({local_num_cpus(num_workers)} logical CPUs)"
     quiet_ray_data()
     return where

@@ -19,10 +19,13 @@ def ray_local():
     import ray
 
     from core.ray_connect import prepare_local_env
+    from core.ray_private import lean_local_instance
 
     prepare_local_env()
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        with lean_local_instance(log_monitor=False):  # as rayfine's own local instances start
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
     from core.ray_connect import quiet_ray_data
 
     quiet_ray_data()
