@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.preflight import start_checks
 
     cfg = load_config(args.config, args.overrides)
-    checks = start_checks(cfg)  # small local data is checked while Ray starts
+    checks = start_checks(cfg, count=False)  # small local data is checked while Ray starts
     where = start_ray(args.address, num_workers=cfg.scaling.workers(), serve_proxy=cfg.serve.proxy)
     print(f"rayfine train: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
     train(cfg, checks)

@@ -78,7 +78,7 @@ def run_all(cfg: RunConfig, address: str | None, detach: bool) -> int:
     else:
         from training.preflight import start_checks
 
-        checks = start_checks(cfg)  # small local data is checked while Ray starts
+        checks = start_checks(cfg, count=False)  # small local data is checked while Ray starts
         where = start_ray(address, num_workers=cfg.scaling.workers(), serve_proxy=cfg.serve.proxy)
     print(f"rayfine run: {cfg.task}, model {cfg.model.name_or_path}, on {where}", flush=True)
     print("== 1/4 validate + train ==", flush=True)

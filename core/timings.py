@@ -1,6 +1,6 @@
 """Start-up timings (``RAYFINE_TIMINGS=1``): when each phase before the first optimizer step ended.
 
-The driver marks its own phases (Ray start or connect, the pre-flight data pass, the parameter count, the
+The driver marks its own phases (Ray start or connect, the pre-flight data pass, the run folder, the
 tokenized datasets, the call into Ray Train); rank 0 of the workers records when it started, when its DeepSpeed
 engine was built, when its first batch arrived and when its first optimizer step ended, and sends them with its
 first report (``startup`` in the first metrics.jsonl record). ``startup_table`` lays them out from the start of

@@ -18,7 +18,6 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from ray.train import UserCallback
@@ -241,26 +240,22 @@ def _root_cause(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
-def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool = True, parameter_count=None,
-            tracker=None, spread: bool = False, local: bool | None = None):
+def fit_run(cfg: RunConfig, summary, run_dir: Path, callbacks=(), progress: bool = True, tracker=None,
+            spread: bool = False, local: bool | None = None):
     """Build and fit the trainer; returns Ray's Result. Raises UserError on a failed run.
 
     ``progress=False`` skips the per-report lines (a Tune trial's driver prints nowhere a user looks).
     ``tracker``: a started ``training.tracking.RunTracker`` that gets every report.
-    ``parameter_count``: ``preflight.start_checks(cfg).parameter_count``, when the count was started earlier.
     ``local``: Ray is a local instance (default: whether this process started the one it is connected to).
     ``cfg.scaling.num_workers`` is a number here (``training.scaling.resolve_workers``)."""
     import ray
     import ray.train
 
-    from training.preflight import count_parameters
-
     labels = summary.labels
     use_gpu = resolve_use_gpu(cfg)
-    num_params = (parameter_count or partial(count_parameters, cfg))(len(labels.names) if labels else None)
-    timings.mark("parameter count (model built on the meta device)")
-    # Rows, not records: a QA record becomes one row per window of its context.
-    plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu, num_params,
+    # Rows, not records: a QA record becomes one row per window of its context. The parameter count is the
+    # workers' (``Worker.configure_engine``), where the model's code is imported anyway.
+    plan = TrainPlan.build(cfg, summary.rows("train"), cfg.scaling.num_workers, use_gpu,
                            packed_sequences=estimate_packed_sequences(cfg, summary))
     if progress and single_rank_runs_zero_0(cfg, plan.world_size):
         logger.info(f"DeepSpeed: ZeRO-{plan.zero_stage} (deepspeed.stage {cfg.deepspeed.stage} partitions nothing "
@@ -364,11 +359,11 @@ def finalize_run(cfg: RunConfig, run_dir: Path, result) -> TrainResult:
 
 def train(cfg: RunConfig, checks=None) -> TrainResult:
     """``rayfine train``: check the data, train, export; logs progress and the evaluation table. ``checks``:
-    ``preflight.start_checks(cfg)``, called before Ray started (else here)."""
+    ``preflight.start_checks(cfg, count=False)``, called before Ray started (else here)."""
     from training.evaluate import format_metrics_table
     from training.preflight import start_checks
 
-    checks = checks or start_checks(cfg)  # the parameter count in a thread, while the data pass runs
+    checks = checks or start_checks(cfg, count=False)
     cfg, workers = resolve_workers(cfg)
     start_train_coordinator()  # its process starts while the data is checked
     logger.info(f"Workers: {cfg.scaling.num_workers} ({workers.reason})")
@@ -388,8 +383,7 @@ def train(cfg: RunConfig, checks=None) -> TrainResult:
     if tracker.enabled:
         tracker.start()
     try:
-        result, plan = fit_run(cfg, summary, run_dir, parameter_count=checks.parameter_count, tracker=tracker,
-                               spread=workers.spread)
+        result, plan = fit_run(cfg, summary, run_dir, tracker=tracker, spread=workers.spread)
         if timings.enabled():
             logger.info(timings.startup_table(_worker_startup(run_dir, metrics_before)))
             timings.reset()

@@ -42,12 +42,11 @@ class TrainPlan:
     micro_per_epoch: int
     total_steps: int
     use_gpu: bool
-    num_params: int
     packed: bool = False
     zero_stage: int = 0  # as the derived DeepSpeed config sets it (for messages; workers read their own config)
 
     @classmethod
-    def build(cls, cfg: RunConfig, train_records: int, world_size: int, use_gpu: bool, num_params: int,
+    def build(cls, cfg: RunConfig, train_records: int, world_size: int, use_gpu: bool,
               packed_sequences: int | None = None):
         """``packed_sequences``: with data.packing, the estimated number of packed sequences per epoch. Their
         exact count depends on each worker's data, so workers then end an epoch together when one runs out."""
@@ -61,7 +60,7 @@ class TrainPlan:
         total = (micro * t.epochs) // shape.gradient_accumulation_steps
         if t.max_steps:
             total = min(total, t.max_steps)
-        return cls(train_records, world_size, micro, max(total, 1), use_gpu, num_params,
+        return cls(train_records, world_size, micro, max(total, 1), use_gpu,
                    packed=packed_sequences is not None, zero_stage=shape.stage)
 
 
@@ -308,11 +307,14 @@ class Worker:
         import torch
 
         from training.ds_config import build_deepspeed_config, engine_shape
+        from training.preflight import count_parameters
 
         bf16 = bool(self.plan.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        # Built on the meta device: it imports the model's code, which loading the weights needs next anyway.
+        num_params = count_parameters(self.cfg, len(self.labels.names) if self.labels else None)
         self.ds_config = build_deepspeed_config(
             self.cfg, world_size=self.world, total_steps=self.plan.total_steps, use_gpu=self.plan.use_gpu,
-            bf16_supported=bf16, num_params=self.plan.num_params)
+            bf16_supported=bf16, num_params=num_params)
         self.shape = engine_shape(self.ds_config)  # stage, micro batch, accumulation: as the engine runs them
 
     def build_engine(self):

@@ -270,12 +270,13 @@ class Checks:
     parameter_count: Callable[[int | None], int]
 
 
-def start_checks(cfg: RunConfig, in_process: bool | None = None) -> Checks:
+def start_checks(cfg: RunConfig, in_process: bool | None = None, count: bool = True) -> Checks:
     """Start the parameter count in a background thread, and for small local data (read in this process,
     ``summarize_data``; ``in_process`` forces the choice) the data pass before it in the same thread: called
     before Ray starts, both run while it does. One thread, because transformers' lazily loaded modules are not
     safe to load from two threads at once. Larger data is read by ``summary()``, in Ray Data tasks, while the
-    count goes on. A problem with the data is raised by ``summary()``."""
+    count goes on. A problem with the data is raised by ``summary()``. ``count=False``: no parameter count (a
+    training run's workers count the model they build, ``training.loop.Worker.configure_engine``)."""
     import threading
 
     if in_process is None:
@@ -286,7 +287,8 @@ def start_checks(cfg: RunConfig, in_process: bool | None = None) -> Checks:
         try:
             if in_process:
                 found["summary"] = summarize_data(cfg)
-            found["counts"] = _parameter_counts(cfg)
+            if count:
+                found["counts"] = _parameter_counts(cfg)
         except BaseException as exc:  # noqa: BLE001 - raised again by summary() or parameter_count()
             found["error"] = exc
 
