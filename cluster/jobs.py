@@ -34,6 +34,7 @@ from typing import Iterator, Optional
 
 import yaml
 
+from core import collector
 from core.config import RunConfig
 from core.errors import UserError
 from core.ray_private import RUNTIME_ENV_PACKAGING_LOGGER, timed_job_submission_client
@@ -354,6 +355,7 @@ def submit_command(cfg: RunConfig, config_path: str, overrides: list[str], addre
 
 
 def follow_command(client: JobsClient, job_id: str) -> int:
+    collector.resume()  # the command's start-up is over: it follows the job's log from now on (core.collector)
     try:
         for chunk in client.follow(job_id):
             sys.stdout.write(chunk)

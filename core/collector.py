@@ -10,7 +10,8 @@ build 3.0 s -> 2.3 s, the driver's data ready 0.8 s sooner.
 Who pauses and resumes:
 
 - the ``rayfine`` executable (``cluster.cli.console``): paused at once; resumed where the command settles into its
-  long wait (before ``trainer.fit()`` or ``tuner.fit()``, once it serves); a short command exits without it;
+  long wait (before ``trainer.fit()`` or ``tuner.fit()``, once it serves, when ``submit --wait`` follows a job's
+  log); a short command exits without it;
 - each Ray Train worker process: paused by ``SETUP_HOOK`` (Ray runs it when the process starts, before Ray
   Train's imports, ``training.driver.build_trainer``), resumed once the engine is built
   (``training.loop.train_loop_per_worker``); a Tune trial's process, from the trial's start
